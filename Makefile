@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each builds what it needs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit tools bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+tools:
+	bash tools/install-tools.sh
+
+demo: $(STAMP)
+	$(BIN)/tinker-recovery demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check daemon tests benchmarks examples
+	$(BIN)/ruff format --check daemon tests benchmarks examples
+	cd daemon && ../$(BIN)/lint-imports --config ../pyproject.toml
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+	$(BIN)/mypy tests benchmarks examples
+
+unit: $(STAMP) tools
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py --out benchmarks/RESULTS.md
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache

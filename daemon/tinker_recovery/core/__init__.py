@@ -1,0 +1,1 @@
+"""Pure decisions: no asyncio, no I/O, no clock reads. "now" is always an argument."""

@@ -1,0 +1,40 @@
+"""The exception hierarchy. Library exceptions are translated into these once, at the edge."""
+
+from __future__ import annotations
+
+
+class RecoveryError(Exception):
+    """Base for everything tinker-recovery raises on purpose."""
+
+
+class RemoteUnavailable(RecoveryError):
+    """Timeout, connection error, 5xx or 429: worth retrying later."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RemoteRejected(RecoveryError):
+    """A 4xx answer or a malformed payload: retrying will not help."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ActionFailed(RecoveryError):
+    """A restore, TTL change or handoff did not succeed."""
+
+    def __init__(self, message: str, *, action: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.action = action
+        self.exit_code = exit_code
+
+
+class ConfigError(RecoveryError):
+    """The configuration is missing or invalid. Raised at start-up and on reload only."""
+
+
+class FencedOut(RecoveryError):
+    """A store write was refused because this replica no longer holds the leader lease."""

@@ -1,0 +1,1 @@
+"""Durable state: lineages, attempts, the append-only event log, holds, leadership."""
