@@ -38,3 +38,7 @@ class ConfigError(RecoveryError):
 
 class FencedOut(RecoveryError):
     """A store write was refused because this replica no longer holds the leader lease."""
+
+
+class StoreUnavailable(RecoveryError):
+    """The state store could not be opened or reached (file locked, database down, timeout)."""

@@ -1,0 +1,464 @@
+"""PostgreSQL backend (psycopg 3, async pool) for several replicas sharing one state.
+
+Leadership is a lease row timed by the database clock (`now()`), never by a replica's clock:
+`acquire_or_renew` renews our own unexpired lease or takes over an expired one with
+epoch + 1. Every fenced write first takes `FOR SHARE` on the lease row, in the same transaction,
+requiring our holder and epoch and an unexpired lease; a takeover must wait for that lock, so a
+deposed leader's write either commits before the takeover or raises `FencedOut` and writes
+nothing. Session advisory locks are not used (see ops notes: poolers break them and the loser
+learns too late); `pg_advisory_xact_lock` only serialises concurrent migrations.
+
+Connections: libpq keepalives and `tcp_user_timeout` (unless the URL sets them) so a dead peer
+is noticed in seconds, a statement timeout, no server-side prepared statements (safe behind
+PgBouncer in transaction mode), and a pool check on checkout so a restarted server costs one
+failed call, not a broken store. Driver errors become `errors.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from tinker_recovery.core.model import Attempt, Lineage, LineageState
+from tinker_recovery.errors import StoreUnavailable
+from tinker_recovery.shell.clock import Clock
+
+from . import codec
+from .base import Event, Lease, ManualRequest
+from .support import FenceState, load_migrations
+
+log = structlog.get_logger(__name__)
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+_MIGRATION_LOCK_CLASS = 0x7472  # first key of pg_advisory_xact_lock; the schema name is the second
+_CONNECTION_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms: unacknowledged writes to a vanished server fail fast
+    "application_name": "tinker-recovery",
+}
+
+_ACQUIRE = """
+INSERT INTO lease AS l (id, holder, epoch, expires_at, acquired_at, renewed_at)
+VALUES (1, %(me)s, 1, now() + make_interval(secs => %(ttl)s), now(), now())
+ON CONFLICT (id) DO UPDATE SET
+    epoch = CASE WHEN l.holder = %(me)s AND l.epoch = %(epoch)s AND l.expires_at > now()
+                 THEN l.epoch ELSE l.epoch + 1 END,
+    acquired_at = CASE WHEN l.holder = %(me)s AND l.epoch = %(epoch)s AND l.expires_at > now()
+                       THEN l.acquired_at ELSE now() END,
+    holder = EXCLUDED.holder,
+    expires_at = EXCLUDED.expires_at,
+    renewed_at = now()
+WHERE (l.holder = %(me)s AND l.epoch = %(epoch)s) OR l.expires_at <= now()
+RETURNING epoch, expires_at
+"""
+
+_FENCE = """
+SELECT 1 FROM lease
+WHERE id = 1 AND holder = %s AND epoch = %s AND expires_at > now()
+FOR SHARE
+"""
+
+
+def connection_kwargs(url: str) -> dict[str, Any]:
+    """Our connection defaults for whatever the URL does not set itself."""
+    given = conninfo_to_dict(url)
+    return {k: v for k, v in _CONNECTION_DEFAULTS.items() if k not in given}
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock,
+        pool_max_size: int = 4,
+        acquire_timeout_s: float = 10.0,
+        statement_timeout_s: float = 10.0,
+    ) -> None:
+        self._url = url
+        self._clock = clock
+        self._pool_max_size = pool_max_size
+        self._acquire_timeout_s = acquire_timeout_s
+        self._statement_timeout_ms = int(statement_timeout_s * 1000)
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        self._fence = FenceState()
+        self._watch_started_at: datetime | None = None
+
+    # plumbing -------------------------------------------------------------------------------
+    async def _configure(self, conn: Conn) -> None:
+        await conn.execute("SET TIME ZONE 'UTC'")
+        await conn.execute(f"SET statement_timeout = {self._statement_timeout_ms}")
+
+    @asynccontextmanager
+    async def _tx(self, *, fenced: bool = False) -> AsyncIterator[Conn]:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore used before open() or after close()")
+        try:
+            async with (
+                self._pool.connection(timeout=self._acquire_timeout_s) as conn,
+                conn.transaction(),
+            ):
+                if fenced:
+                    await self._check_fence(conn)
+                yield conn
+        except PoolTimeout as exc:
+            raise StoreUnavailable("no PostgreSQL connection available in time") from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"PostgreSQL store: {exc}") from exc
+
+    async def _check_fence(self, conn: Conn) -> None:
+        if not self._fence.engaged:
+            return
+        held = self._fence.held()
+        if held is None:
+            raise self._fence.refuse()
+        cur = await conn.execute(_FENCE, held)
+        if await cur.fetchone() is None:
+            raise self._fence.refuse()
+
+    async def _fetch(self, query: str | sql.Composed, params: Any = None) -> list[tuple[Any, ...]]:
+        async with self._tx() as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+    # lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        kwargs: dict[str, Any] = {
+            **connection_kwargs(self._url),
+            "autocommit": True,  # transactions are explicit: conn.transaction()
+            "prepare_threshold": None,  # no server-side prepared statements: pooler-safe
+        }
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            self._url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=self._pool_max_size,
+            open=False,
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+            name="tinker-recovery-store",
+        )
+        try:
+            await pool.open(wait=True, timeout=self._acquire_timeout_s)
+            self._pool = pool
+            await self._migrate()
+            self._watch_started_at = await self._init_meta()
+        except BaseException as exc:
+            self._pool = None
+            await pool.close()
+            if isinstance(exc, PoolTimeout):
+                raise StoreUnavailable("cannot connect to the PostgreSQL store") from exc
+            if isinstance(exc, psycopg.Error):
+                raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}") from exc
+            raise
+
+    async def _migrate(self) -> None:
+        migrations = load_migrations("postgres")
+        async with self._tx() as conn:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(coalesce(current_schema(), '')))",
+                (_MIGRATION_LOCK_CLASS,),
+            )
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT version FROM schema_version")
+            applied = {row[0] for row in await cur.fetchall()}
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+                log.info("store_migrated", backend="postgres", version=migration.version)
+        newest = max((m.version for m in migrations), default=0)
+        if applied and max(applied) > newest:
+            log.warning("store_schema_newer", backend="postgres", schema=max(applied), known=newest)
+
+    async def _init_meta(self) -> datetime:
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('watch_started_at', %s)"
+                " ON CONFLICT (key) DO NOTHING",
+                (codec.dump_time(self._clock.now()),),
+            )
+            cur = await conn.execute("SELECT value FROM meta WHERE key = 'watch_started_at'")
+            row = await cur.fetchone()
+        assert row is not None  # inserted just above unless it already existed
+        return codec.load_time(row[0])
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def watch_started_at(self) -> datetime:
+        if self._watch_started_at is None:
+            raise RuntimeError("PostgresStore.watch_started_at() before open()")
+        return self._watch_started_at
+
+    # leadership -----------------------------------------------------------------------------
+    async def acquire_or_renew(self, replica_id: str, ttl_s: float) -> Lease | None:
+        self._fence.engaged = True
+        known_epoch = self._fence.epoch if self._fence.holder == replica_id else None
+        params = {"me": replica_id, "ttl": float(ttl_s), "epoch": known_epoch or -1}
+        async with self._tx() as conn:
+            cur = await conn.execute(_ACQUIRE, params)
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        self._fence.holder, self._fence.epoch = replica_id, int(row[0])
+        return Lease(replica_id=replica_id, epoch=int(row[0]), expires_at=_utc(row[1]))
+
+    async def release(self, lease: Lease) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE lease SET expires_at = now()"
+                " WHERE id = 1 AND holder = %s AND epoch = %s AND expires_at > now()",
+                (lease.replica_id, lease.epoch),
+            )
+
+    async def leader(self) -> Lease | None:
+        rows = await self._fetch(
+            "SELECT holder, epoch, expires_at FROM lease"
+            " WHERE id = 1 AND holder IS NOT NULL AND expires_at > now()"
+        )
+        if not rows:
+            return None
+        holder, epoch, expires_at = rows[0]
+        return Lease(replica_id=holder, epoch=int(epoch), expires_at=_utc(expires_at))
+
+    # lineages -------------------------------------------------------------------------------
+    async def save_lineage(self, lineage: Lineage, event: Event) -> None:
+        async with self._tx(fenced=True) as conn:
+            await conn.execute(
+                "INSERT INTO lineages (lineage_id, root_run_id, current_run_id, state,"
+                " first_seen_at, updated_at, data) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (lineage_id) DO UPDATE SET root_run_id = EXCLUDED.root_run_id,"
+                " current_run_id = EXCLUDED.current_run_id, state = EXCLUDED.state,"
+                " first_seen_at = EXCLUDED.first_seen_at, updated_at = EXCLUDED.updated_at,"
+                " data = EXCLUDED.data",
+                (
+                    lineage.lineage_id,
+                    lineage.root_run_id,
+                    lineage.current_run_id,
+                    lineage.state.value,
+                    lineage.first_seen_at,
+                    lineage.updated_at,
+                    codec.lineage_to_json(lineage),
+                ),
+            )
+            await _insert_event(conn, event)
+
+    async def get_lineage(self, lineage_id: str) -> Lineage | None:
+        rows = await self._fetch("SELECT data FROM lineages WHERE lineage_id = %s", (lineage_id,))
+        return codec.lineage_from_json(rows[0][0]) if rows else None
+
+    async def lineage_for_run(self, run_id: str) -> Lineage | None:
+        # A UNION of single-column lookups so each branch uses its own index.
+        rows = await self._fetch(
+            "SELECT data FROM lineages WHERE lineage_id IN ("
+            " SELECT lineage_id FROM lineages WHERE root_run_id = %(r)s"
+            " UNION SELECT lineage_id FROM lineages WHERE current_run_id = %(r)s"
+            " UNION SELECT lineage_id FROM attempts WHERE corrupted_run_id = %(r)s"
+            " UNION SELECT lineage_id FROM attempts WHERE successor_run_id = %(r)s)"
+            " ORDER BY updated_at DESC, lineage_id LIMIT 1",
+            {"r": run_id},
+        )
+        return codec.lineage_from_json(rows[0][0]) if rows else None
+
+    async def list_lineages(self, states: Sequence[LineageState] | None = None) -> list[Lineage]:
+        if states is None:
+            rows = await self._fetch("SELECT data FROM lineages ORDER BY first_seen_at, lineage_id")
+        else:
+            rows = await self._fetch(
+                "SELECT data FROM lineages WHERE state = ANY(%s)"
+                " ORDER BY first_seen_at, lineage_id",
+                ([s.value for s in states],),
+            )
+        return [codec.lineage_from_json(r[0]) for r in rows]
+
+    # attempts -------------------------------------------------------------------------------
+    async def save_attempt(self, attempt: Attempt, event: Event) -> None:
+        async with self._tx(fenced=True) as conn:
+            await conn.execute(
+                "INSERT INTO attempts (attempt_id, lineage_id, number, corrupted_run_id,"
+                " successor_run_id, outcome, started_at, data)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (attempt_id) DO UPDATE SET lineage_id = EXCLUDED.lineage_id,"
+                " number = EXCLUDED.number, corrupted_run_id = EXCLUDED.corrupted_run_id,"
+                " successor_run_id = EXCLUDED.successor_run_id, outcome = EXCLUDED.outcome,"
+                " started_at = EXCLUDED.started_at, data = EXCLUDED.data",
+                (
+                    attempt.attempt_id,
+                    attempt.lineage_id,
+                    attempt.number,
+                    attempt.corrupted_run_id,
+                    attempt.successor_run_id,
+                    None if attempt.outcome is None else attempt.outcome.value,
+                    attempt.started_at,
+                    codec.attempt_to_json(attempt),
+                ),
+            )
+            await _insert_event(conn, event)
+
+    async def get_attempt(self, attempt_id: str) -> Attempt | None:
+        rows = await self._fetch("SELECT data FROM attempts WHERE attempt_id = %s", (attempt_id,))
+        return codec.attempt_from_json(rows[0][0]) if rows else None
+
+    async def attempts(self, lineage_id: str) -> list[Attempt]:
+        rows = await self._fetch(
+            "SELECT data FROM attempts WHERE lineage_id = %s ORDER BY number, started_at",
+            (lineage_id,),
+        )
+        return [codec.attempt_from_json(r[0]) for r in rows]
+
+    async def unfinished_attempts(self) -> list[Attempt]:
+        rows = await self._fetch(
+            "SELECT data FROM attempts WHERE outcome IS NULL ORDER BY started_at, attempt_id"
+        )
+        return [codec.attempt_from_json(r[0]) for r in rows]
+
+    # checkpoints ----------------------------------------------------------------------------
+    async def mark_checkpoint_bad(self, tinker_path: str, reason: str, at: datetime) -> None:
+        async with self._tx(fenced=True) as conn:
+            await conn.execute(
+                "INSERT INTO bad_checkpoints (tinker_path, reason, at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (tinker_path) DO UPDATE SET reason = EXCLUDED.reason,"
+                " at = EXCLUDED.at",
+                (tinker_path, reason, at),
+            )
+
+    async def bad_checkpoints(self, tinker_paths: Sequence[str]) -> set[str]:
+        if not tinker_paths:
+            return set()
+        rows = await self._fetch(
+            "SELECT tinker_path FROM bad_checkpoints WHERE tinker_path = ANY(%s)",
+            (list(tinker_paths),),
+        )
+        return {r[0] for r in rows}
+
+    # events ---------------------------------------------------------------------------------
+    async def append_event(self, event: Event) -> None:
+        async with self._tx(fenced=True) as conn:
+            await _insert_event(conn, event)
+
+    async def events(
+        self, *, lineage_id: str | None = None, run_id: str | None = None, limit: int = 100
+    ) -> list[Event]:
+        # Built per call rather than `(%s IS NULL OR col = %s)`, so the planner can use an index.
+        filters: list[sql.Composable] = []
+        params: list[Any] = []
+        for column, value in (("lineage_id", lineage_id), ("run_id", run_id)):
+            if value is not None:
+                filters.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+                params.append(value)
+        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(filters) if filters else sql.SQL("")
+        query = sql.SQL(
+            "SELECT seq, at, kind, reason, lineage_id, attempt_id, run_id, data FROM events"
+            "{} ORDER BY seq DESC LIMIT %s"
+        ).format(where)
+        rows = await self._fetch(query, (*params, max(limit, 0)))
+        return [
+            Event(
+                seq=int(r[0]),
+                at=_utc(r[1]),
+                kind=r[2],
+                reason=r[3],
+                lineage_id=r[4],
+                attempt_id=r[5],
+                run_id=r[6],
+                data=codec.event_data_from_json(r[7]),
+            )
+            for r in reversed(rows)
+        ]
+
+    # operator -------------------------------------------------------------------------------
+    async def set_hold(self, lineage_id: str | None, held: bool, by: str, at: datetime) -> None:
+        scope = lineage_id or ""
+        async with self._tx() as conn:
+            if held:
+                await conn.execute(
+                    "INSERT INTO holds (scope, held_by, at) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (scope) DO UPDATE SET held_by = EXCLUDED.held_by,"
+                    " at = EXCLUDED.at",
+                    (scope, by, at),
+                )
+            else:
+                await conn.execute("DELETE FROM holds WHERE scope = %s", (scope,))
+
+    async def holds(self) -> set[str | None]:
+        rows = await self._fetch("SELECT scope FROM holds")
+        return {r[0] or None for r in rows}
+
+    async def request_recovery(
+        self, run_id: str, checkpoint_path: str | None, by: str, at: datetime
+    ) -> int:
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "INSERT INTO manual_requests (run_id, checkpoint_path, requested_at,"
+                " requested_by) VALUES (%s, %s, %s, %s) RETURNING request_id",
+                (run_id, checkpoint_path, at, by),
+            )
+            row = await cur.fetchone()
+        assert row is not None  # INSERT ... RETURNING always returns the new row
+        return int(row[0])
+
+    async def take_manual_requests(self) -> list[ManualRequest]:
+        async with self._tx(fenced=True) as conn:
+            cur = await conn.execute(
+                "UPDATE manual_requests SET taken_at = %s, taken_by = %s WHERE taken_at IS NULL"
+                " RETURNING request_id, run_id, checkpoint_path, requested_at, requested_by",
+                (self._clock.now(), self._fence.holder or ""),
+            )
+            rows = await cur.fetchall()
+        requests = [
+            ManualRequest(
+                request_id=int(r[0]),
+                run_id=r[1],
+                checkpoint_path=r[2],
+                requested_at=_utc(r[3]),
+                requested_by=r[4],
+            )
+            for r in rows
+        ]
+        return sorted(requests, key=lambda m: m.request_id)
+
+
+async def _insert_event(conn: Conn, event: Event) -> None:
+    await conn.execute(
+        "INSERT INTO events (at, kind, reason, lineage_id, attempt_id, run_id, data)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            event.at,
+            event.kind,
+            event.reason,
+            event.lineage_id,
+            event.attempt_id,
+            event.run_id,
+            codec.event_data_to_json(event),
+        ),
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
