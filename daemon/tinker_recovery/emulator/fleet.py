@@ -1,0 +1,339 @@
+"""The emulated fleet: runs, their checkpoints, and how both move with time.
+
+A run's periodic checkpoints are arithmetic (origin + k * interval), so a 100,000-run fleet
+costs a few objects per run and an idle emulator does no work at all: everything is derived
+from "now" when asked. Explicit changes (a save, a deleted checkpoint, a new TTL) live in
+small per-run overlays. Each run caches its wire JSON until its next visible change.
+Nothing here reads a clock or does I/O; callers pass `now` (emulated epoch seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from tinker_recovery.emulator.config import EmulatorConfig
+
+RunKind = Literal["driven", "idle", "finished", "session"]
+CheckpointType = Literal["training", "sampler"]
+SEGMENT_OF: dict[str, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
+SEGMENT_FOR: dict[CheckpointType, str] = {"training": "weights", "sampler": "sampler_weights"}
+
+BASE_MODELS = (
+    "Qwen/Qwen3-8B",
+    "Qwen/Qwen3-30B-A3B",
+    "Qwen/Qwen3-4B-Instruct-2507",
+    "meta-llama/Llama-3.1-8B",
+    "meta-llama/Llama-3.2-1B",
+    "meta-llama/Llama-3.3-70B-Instruct",
+    "openai/gpt-oss-20b",
+)
+LORA_RANKS = (8, 16, 32, 64, 128)
+OWNERS = ("alice@acme.example", "bob@acme.example", "chen@acme.example", "dana@acme.example")
+FOREIGN_OWNERS = ("eve@partner.example", "farid@partner.example")
+TEAMS = ("post-training", "evals", "research", "agents")
+PROJECTS = ("math-rl", "chat-sft", "tool-use", "code-rl", "summarize")
+RENDERERS = ("qwen3", "llama3", "role_colon", "gpt_oss")
+
+
+def iso(ts: float) -> str:
+    """An aware UTC ISO 8601 string, the form the SDK's pydantic models parse."""
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def parse_tinker_path(path: str) -> tuple[str, str]:
+    """`tinker://<run>/<segment>/<name>` -> (run_id, checkpoint_id); ValueError when malformed."""
+    prefix = "tinker://"
+    if not path.startswith(prefix):
+        raise ValueError("tinker path must start with tinker://")
+    parts = path[len(prefix) :].split("/")
+    if len(parts) != 3 or not all(parts) or parts[1] not in SEGMENT_OF:
+        raise ValueError("tinker path must be tinker://<run>/<weights|sampler_weights>/<name>")
+    return parts[0], f"{parts[1]}/{parts[2]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    run_id: str
+    checkpoint_id: str
+    time: float
+    size_bytes: int
+    expires_at: float | None = None
+    public: bool = False
+    user_metadata: dict[str, str] | None = None
+
+    @property
+    def checkpoint_type(self) -> CheckpointType:
+        return SEGMENT_OF[self.checkpoint_id.split("/", 1)[0]]
+
+    @property
+    def tinker_path(self) -> str:
+        return f"tinker://{self.run_id}/{self.checkpoint_id}"
+
+    def is_visible(self, now: float) -> bool:
+        """The service stops listing (and serving) a checkpoint once it expires."""
+        return self.expires_at is None or self.expires_at > now
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "checkpoint_type": self.checkpoint_type,
+            "time": iso(self.time),
+            "tinker_path": self.tinker_path,
+            "size_bytes": self.size_bytes,
+            "public": self.public,
+            "user_metadata": self.user_metadata,
+            "expires_at": None if self.expires_at is None else iso(self.expires_at),
+        }
+
+
+@dataclass(slots=True, eq=False)
+class Run:
+    """One training run. Periodic checkpoints exist between `origin` and the run's stop time."""
+
+    run_id: str
+    session_id: str
+    base_model: str
+    model_owner: str
+    lora_rank: int | None
+    user_metadata: dict[str, str] | None
+    kind: RunKind
+    created_at: float
+    origin: float
+    stopped_at: float = math.inf
+    """When requests stopped (idle/finished); inf while driven."""
+    last_request_at: float = 0.0
+    """Explicit activity time, used by session runs (driven ones derive it)."""
+    checkpoint_interval_s: float = 0.0
+    """0 means no periodic checkpoints (session runs checkpoint through save_state)."""
+    request_interval_s: float = 30.0
+    steps_per_checkpoint: int = 10
+    sampler_every: int = 1
+    periodic_ttl_s: float | None = None
+    size_bytes: int = 0
+    shared: bool = False
+    project_id: str | None = None
+    corrupted_at: float | None = None
+    loaded_from: str | None = None
+    overlay: dict[str, Checkpoint] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    version: int = 0
+    cache: bytes = b""
+    cache_version: int = -1
+    cache_until: float = -math.inf
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_rank is not None
+
+    @property
+    def corrupted(self) -> bool:
+        return self.corrupted_at is not None
+
+    def touch(self) -> None:
+        """Record a change so the cached JSON is rebuilt on the next read."""
+        self.version += 1
+
+    def activity_end(self, now: float) -> float:
+        """The last instant this run was driven, as of `now`."""
+        end = min(now, self.stopped_at)
+        return end if self.corrupted_at is None else min(end, self.corrupted_at)
+
+    def last_request(self, now: float) -> float:
+        if self.kind == "session":
+            return self.last_request_at
+        end = self.activity_end(now)
+        if end == self.stopped_at:
+            return end
+        ticks = math.floor((end - self.origin) / self.request_interval_s)
+        return self.origin + max(ticks, 0) * self.request_interval_s
+
+    def _periodic_count(self, until: float) -> int:
+        if self.checkpoint_interval_s <= 0 or until < self.origin:
+            return 0
+        return math.floor((until - self.origin) / self.checkpoint_interval_s)
+
+    def _periodic(self, k: int, ctype: CheckpointType) -> Checkpoint:
+        t = self.origin + k * self.checkpoint_interval_s + (1.0 if ctype == "sampler" else 0.0)
+        ckpt_id = f"{SEGMENT_FOR[ctype]}/{k * self.steps_per_checkpoint:06d}"
+        expires = None if self.periodic_ttl_s is None else t + self.periodic_ttl_s
+        size = self.size_bytes if ctype == "training" else self.size_bytes // 3
+        return Checkpoint(self.run_id, ckpt_id, t, size, expires)
+
+    def _periodic_ids(self, now: float) -> list[tuple[int, CheckpointType]]:
+        count = self._periodic_count(self.last_request(now))
+        first = 1
+        if self.periodic_ttl_s is not None:
+            # Skip the long-expired prefix arithmetically instead of building it.
+            horizon = now - self.periodic_ttl_s - self.origin
+            first = max(1, math.floor(horizon / self.checkpoint_interval_s))
+        out: list[tuple[int, CheckpointType]] = []
+        for k in range(first, count + 1):
+            out.append((k, "training"))
+            if k % self.sampler_every == 0:
+                out.append((k, "sampler"))
+        return out
+
+    def checkpoints(self, now: float) -> list[Checkpoint]:
+        """Visible checkpoints, oldest first."""
+        found: dict[str, Checkpoint] = {}
+        for k, ctype in self._periodic_ids(now):
+            ckpt = self._periodic(k, ctype)
+            found[ckpt.checkpoint_id] = ckpt
+        found.update(self.overlay)
+        visible = [c for cid, c in found.items() if cid not in self.deleted and c.is_visible(now)]
+        visible.sort(key=lambda c: (c.time, c.checkpoint_id))
+        return visible
+
+    def find_checkpoint(self, checkpoint_id: str, now: float) -> Checkpoint | None:
+        for ckpt in self.checkpoints(now):
+            if ckpt.checkpoint_id == checkpoint_id:
+                return ckpt
+        return None
+
+    def _latest(self, now: float) -> tuple[Checkpoint | None, Checkpoint | None]:
+        if not self.overlay and not self.deleted:
+            # Fast path for untouched runs: the newest periodic ones, by arithmetic.
+            count = self._periodic_count(self.last_request(now))
+            train = self._periodic(count, "training") if count >= 1 else None
+            ks = count - count % self.sampler_every
+            sampler = self._periodic(ks, "sampler") if ks >= 1 else None
+            return (
+                train if train is not None and train.is_visible(now) else None,
+                sampler if sampler is not None and sampler.is_visible(now) else None,
+            )
+        latest: dict[CheckpointType, Checkpoint] = {}
+        for ckpt in self.checkpoints(now):
+            latest[ckpt.checkpoint_type] = ckpt
+        return latest.get("training"), latest.get("sampler")
+
+    def _valid_until(self, now: float, latest: tuple[Checkpoint | None, ...]) -> float:
+        until = math.inf
+        if self.kind != "session" and self.activity_end(now) == now:
+            until = self.last_request(now) + self.request_interval_s
+        for ckpt in latest:
+            if ckpt is not None and ckpt.expires_at is not None:
+                until = min(until, ckpt.expires_at)
+        return until
+
+    def to_wire(self, now: float) -> dict[str, Any]:
+        train, sampler = self._latest(now)
+        return {
+            "training_run_id": self.run_id,
+            "base_model": self.base_model,
+            "model_owner": self.model_owner,
+            "is_lora": self.is_lora,
+            "corrupted": self.corrupted,
+            "lora_rank": self.lora_rank,
+            "last_request_time": iso(self.last_request(now)),
+            "last_checkpoint": None if train is None else train.to_wire(),
+            "last_sampler_checkpoint": None if sampler is None else sampler.to_wire(),
+            "user_metadata": self.user_metadata,
+        }
+
+    def wire_bytes(self, now: float) -> bytes:
+        """The run's JSON, rebuilt only after a change or when time made it stale."""
+        if self.cache_version == self.version and now < self.cache_until:
+            return self.cache
+        train, sampler = self._latest(now)
+        self.cache = json.dumps(self.to_wire(now), separators=(",", ":")).encode()
+        self.cache_version = self.version
+        self.cache_until = self._valid_until(now, (train, sampler))
+        return self.cache
+
+    def add_checkpoint(self, ckpt: Checkpoint) -> None:
+        self.overlay[ckpt.checkpoint_id] = ckpt
+        self.deleted.discard(ckpt.checkpoint_id)
+        self.touch()
+
+    def update_checkpoint(self, ckpt: Checkpoint, **changes: Any) -> Checkpoint:
+        new = replace(ckpt, **changes)
+        self.add_checkpoint(new)
+        return new
+
+
+def _session_uuid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _labels(rng: random.Random, renderer: str) -> dict[str, str] | None:
+    if rng.random() < 0.15:
+        return None
+    labels = {"team": rng.choice(TEAMS), "project": rng.choice(PROJECTS)}
+    if rng.random() < 0.8:
+        labels["renderer_name"] = renderer
+    if rng.random() < 0.5:
+        labels["wandb_link"] = (
+            f"https://wandb.ai/acme/{labels['project']}/runs/{rng.getrandbits(32):08x}"
+        )
+    return labels
+
+
+def _pick_kind(rng: random.Random, driven_fraction: float) -> RunKind:
+    if rng.random() < driven_fraction:
+        return "driven"
+    return "idle" if rng.random() < 0.55 else "finished"
+
+
+def _new_run(
+    rng: random.Random, run_id: str, session_id: str, kind: RunKind, cfg: EmulatorConfig, t0: float
+) -> Run:
+    model_index = rng.randrange(len(BASE_MODELS))
+    renderer = RENDERERS[model_index % len(RENDERERS)]
+    if kind == "driven":
+        created = t0 - rng.uniform(3600.0, 3 * 86400.0)
+        stopped = math.inf
+    else:
+        created = t0 - rng.uniform(2 * 86400.0, 20 * 86400.0)
+        stopped = min(created + rng.uniform(3600.0, 2 * 86400.0), t0 - 3600.0)
+    run = Run(
+        run_id=run_id,
+        session_id=session_id,
+        base_model=BASE_MODELS[model_index],
+        model_owner=rng.choice(OWNERS),
+        lora_rank=rng.choice(LORA_RANKS),
+        user_metadata=_labels(rng, renderer),
+        kind=kind,
+        created_at=created,
+        origin=created + 60.0,
+        stopped_at=stopped,
+        checkpoint_interval_s=cfg.checkpoint_interval_s,
+        request_interval_s=cfg.request_interval_s,
+        steps_per_checkpoint=rng.choice((10, 20, 50, 100)),
+        sampler_every=rng.choice((1, 2, 5)),
+        periodic_ttl_s=cfg.periodic_ttl_s if rng.random() < 0.6 else None,
+        size_bytes=rng.randrange(50, 2000) * 1_000_000,
+    )
+    if kind == "finished":
+        for ctype in ("training", "sampler"):
+            ckpt_id = f"{SEGMENT_FOR[ctype]}/final"
+            size = run.size_bytes if ctype == "training" else run.size_bytes // 3
+            run.overlay[ckpt_id] = Checkpoint(run_id, ckpt_id, stopped, size)
+    return run
+
+
+def generate(cfg: EmulatorConfig, t0: float) -> list[Run]:
+    """The seeded fleet: `cfg.runs` owned runs followed by `cfg.shared_runs` foreign ones."""
+    rng = random.Random(cfg.seed)
+    runs: list[Run] = []
+    session_id = _session_uuid(rng)
+    seq = 0
+    for index in range(cfg.runs + cfg.shared_runs):
+        if seq >= 3 or (seq > 0 and rng.random() < 0.6):
+            session_id, seq = _session_uuid(rng), 0
+        kind = _pick_kind(rng, cfg.driven_fraction)
+        run = _new_run(rng, f"{session_id}:train:{seq}", session_id, kind, cfg, t0)
+        seq += 1
+        if index >= cfg.runs:
+            run.shared = True
+            run.model_owner = rng.choice(FOREIGN_OWNERS)
+        runs.append(run)
+    idle = [r for r in runs if r.kind == "idle" and not r.shared]
+    for run in rng.sample(idle, min(cfg.corrupted_at_start, len(idle))):
+        run.corrupted_at = run.stopped_at
+    return runs
