@@ -151,10 +151,13 @@ def _is_tag(node: yaml.Node, key: str | int) -> bool:
     return found is not None and isinstance(found[1], yaml.ScalarNode) and found[1].value == key
 
 
-def _locate(root: yaml.Node | None, loc: tuple[str | int, ...]) -> tuple[yaml.Mark | None, str]:
+def _locate(
+    root: yaml.Node | None, loc: tuple[str | int, ...], *, at_key: bool
+) -> tuple[yaml.Mark | None, str]:
     """Walk `loc` down the composed YAML: (mark of the deepest node reached, display path).
 
-    An unknown key points at the key itself; a missing key at the mapping that lacks it.
+    A bad value points at the value (`at_key`: at its key, for unknown keys); a missing key
+    at the mapping that lacks it.
     """
     node, mark = root, root.start_mark if root is not None else None
     shown: list[str | int] = []
@@ -169,7 +172,7 @@ def _locate(root: yaml.Node | None, loc: tuple[str | int, ...]) -> tuple[yaml.Ma
             shown.extend(k for k in loc[i:] if not _is_tag(node, k))
             break
         key_node, node = found
-        mark = key_node.start_mark if i == len(loc) - 1 else node.start_mark
+        mark = key_node.start_mark if at_key and i == len(loc) - 1 else node.start_mark
         shown.append(key)
     return mark, _dotted(shown)
 
@@ -222,7 +225,7 @@ def error_lines(
         if blamed is not None:
             lines.append(f"env {blamed}: {_dotted(loc)}: {message}")
             continue
-        mark, shown = _locate(root, loc)
+        mark, shown = _locate(root, loc, at_key=error["type"] == "extra_forbidden")
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}"
         lines.append(f"{where}: {shown}: {message}")
     return lines
