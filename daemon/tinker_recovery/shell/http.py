@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from tinker_recovery.errors import FencedOut
 from tinker_recovery.obs import logs
+from tinker_recovery.shell.clock import Clock
 
 log = structlog.get_logger(__name__)
 
@@ -105,14 +106,14 @@ class Health:
         }
         return all(checks.values()), checks
 
-    async def heartbeat(self, stop: asyncio.Event, sleep: Callable[..., Awaitable[None]]) -> None:
-        """Tick every second until `stop`; run it as a TaskGroup child (`name="heartbeat"`).
+    async def heartbeat(self, stop: asyncio.Event, clock: Clock, interval_s: float = 1.0) -> None:
+        """Tick every `interval_s` until `stop`; run it as a TaskGroup child (`name="heartbeat"`).
 
-        `sleep` is `clock.sleep` (signature `(delay_s, *, wakeup)`).
+        Ticks use this object's `monotonic`, the same source the probes compare against.
         """
         while not stop.is_set():
             self.tick(self._monotonic())
-            await sleep(1.0, wakeup=stop)
+            await clock.sleep(interval_s, wakeup=stop)
 
 
 class OperatorApi(Protocol):
@@ -325,6 +326,7 @@ async def serve(
         log_config=None,
         access_log=False,  # scrapes every few seconds would drown the log; metrics count them
         lifespan="off",
+        ws="none",  # no websocket routes; skips importing a websockets library
         server_header=False,
         timeout_graceful_shutdown=5,
     )
