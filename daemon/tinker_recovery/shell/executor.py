@@ -1,0 +1,492 @@
+"""The executor: carries out one recovery attempt step by step, and hands off exactly once.
+
+Every step is written to the store (attempt row + event) BEFORE it is taken, so a daemon killed
+at any instant leaves a row that says how far it got. Rows at HANDING_OFF or later may have
+handed off already: after a restart they are never handed off again, only confirmed (see
+`reconcile`). Confirmation runs in `observe`, fed by the poller after each successful listing.
+The executor never decides whether to recover: the policy did; it only carries the attempt out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+
+from tinker_recovery.core import ranking
+from tinker_recovery.core.model import (
+    TAG_ATTEMPT,
+    TAG_IDEMPOTENCY_KEY,
+    TAG_LINEAGE,
+    TAG_RECOVERED_FROM,
+    Attempt,
+    AttemptOutcome,
+    AttemptStep,
+    CheckpointView,
+    Lineage,
+    LineageState,
+    RunView,
+    WeightsInfo,
+)
+from tinker_recovery.errors import ActionFailed, RemoteRejected, RemoteUnavailable
+from tinker_recovery.obs.metrics import Metrics
+from tinker_recovery.settings import Rule
+from tinker_recovery.shell import failpoints
+from tinker_recovery.shell import reconcile as rec
+from tinker_recovery.shell.clock import Clock
+from tinker_recovery.shell.store.base import Event, Store
+
+log = structlog.get_logger(__name__)
+
+_OUR_TAGS = (TAG_LINEAGE, TAG_RECOVERED_FROM, TAG_ATTEMPT, TAG_IDEMPOTENCY_KEY)
+# Earlier runs of a lineage whose checkpoints are listed as fallbacks; bounds per-attempt calls.
+_MAX_EARLIER_RUNS = 8
+
+
+# MIRRORS: shell/handoff.py and shell/restore.py are being written in parallel; these follow their
+# agreed contracts and are replaced by imports once those modules land.
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandoffRequest:
+    lineage_id: str
+    corrupted_run_id: str
+    checkpoint_path: str
+    attempt: int
+    idempotency_key: str
+    restore_optimizer: bool
+    user_metadata: Mapping[str, str]
+
+
+class HandoffAction(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    async def hand_off(self, request: HandoffRequest) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestoreResult:
+    new_run_id: str
+    saved_path: str
+
+
+class Gateway(Protocol):
+    """The part of shell/gateway.py the executor uses."""
+
+    async def list_checkpoints(self, run_id: str) -> list[CheckpointView]: ...
+
+    async def weights_info(self, tinker_path: str) -> WeightsInfo: ...
+
+    async def set_checkpoint_ttl(self, tinker_path: str, ttl_s: int | None) -> None: ...
+
+
+class Restorer(Protocol):
+    async def restore(
+        self,
+        checkpoint_path: str,
+        *,
+        with_optimizer: bool,
+        user_metadata: Mapping[str, str],
+        save_name: str,
+    ) -> RestoreResult: ...
+
+
+class AttemptFinished(Exception):
+    """Raised inside the step sequence to end the attempt with an outcome (not an error)."""
+
+    def __init__(self, outcome: AttemptOutcome, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
+        self.reason = reason
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        gateway: Gateway,
+        restorer: Restorer | None,
+        handoffs: Mapping[str, HandoffAction],
+        clock: Clock,
+        metrics: Metrics,
+        rand: Callable[[], float],
+        max_concurrent: int,
+        rules: Sequence[Rule] = (),
+        dry_run: bool = False,
+    ) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._restorer = restorer
+        self._handoffs = handoffs
+        self._clock = clock
+        self._metrics = metrics
+        self._semaphore = asyncio.Semaphore(max_concurrent)
+        self._dry_run = dry_run
+        self._ledger = rec.Ledger(store=store, clock=clock, metrics=metrics, rand=rand, rules=rules)
+
+    def configure(self, *, rules: Sequence[Rule], dry_run: bool) -> None:
+        """Apply a reloaded configuration. Attempts already started keep their rule."""
+        self._ledger.rules = {rule.name: rule for rule in rules}
+        self._dry_run = dry_run
+
+    # public surface ----------------------------------------------------------------------------
+
+    def busy(self, lineage_id: str) -> bool:
+        return lineage_id in self._ledger.tracked
+
+    def in_flight(self) -> int:
+        """Attempts not finished yet: running their steps or waiting for confirmation."""
+        return len(self._ledger.tracked)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """In-flight attempts for /status."""
+        return self._ledger.snapshot()
+
+    async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
+        """Confirm or fail handed-off attempts; call after each SUCCESSFUL listing only."""
+        await self._ledger.observe(runs, now)
+
+    async def reconcile(self, runs: Sequence[RunView] | None) -> None:
+        """At start-up (and on each takeover), before anything new: settle what a previous
+        process left unfinished. Attempts at HANDING_OFF or later are only ever confirmed."""
+        await self._ledger.reconcile(runs)
+
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: let running steps finish within `grace_s`, then cancel the rest.
+
+        A step cancelled before the handoff is recorded ABANDONED; one cancelled during the
+        handoff keeps its HANDING_OFF row for the next start's reconcile.
+        """
+        tasks = [t.task for t in self._ledger.tracked.values() if t.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("attempts_cancelled", count=len(pending), grace_s=grace_s)
+            await asyncio.wait(pending)
+
+    async def start(
+        self, lineage: Lineage, run: RunView, rule: Rule, *, tg: asyncio.TaskGroup
+    ) -> Attempt:
+        """Record attempt `lineage.attempts_total` and run its steps in a named task of `tg`."""
+        if self._dry_run:
+            raise RuntimeError("dry_run: the policy records decisions; the executor must not act")
+        if lineage.lineage_id in self._ledger.tracked:
+            raise RuntimeError(f"lineage {lineage.lineage_id} already has an attempt in flight")
+        # Remember the rule so a later reconcile in this process can find it by name.
+        self._ledger.rules.setdefault(rule.name, rule)
+        number = lineage.attempts_total
+        now = self._clock.now()
+        attempt = Attempt(
+            attempt_id=f"{lineage.lineage_id}#{number}-{uuid.uuid4().hex[:12]}",
+            lineage_id=lineage.lineage_id,
+            number=number,
+            corrupted_run_id=run.run_id,
+            step=AttemptStep.CREATED,
+            started_at=now,
+            updated_at=now,
+        )
+        earlier = await self._store.attempts(lineage.lineage_id)
+        exclude = rec.known_runs(lineage, earlier, attempt) | self._ledger.seen_runs
+        tracked = rec.Tracked(attempt=attempt, rule=rule, exclude=exclude)
+        self._ledger.tracked[lineage.lineage_id] = tracked
+        try:
+            await self._ledger.record(
+                tracked, AttemptStep.CREATED, f"attempt {number} by rule {rule.name}"
+            )
+        except BaseException:
+            del self._ledger.tracked[lineage.lineage_id]
+            raise
+        tracked.task = tg.create_task(
+            self._run(tracked, lineage, run, earlier), name=f"attempt:{attempt.attempt_id}"
+        )
+        return tracked.attempt
+
+    # the step sequence -------------------------------------------------------------------------
+
+    async def _run(
+        self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
+    ) -> None:
+        try:
+            try:
+                async with self._semaphore:
+                    await self._steps(tracked, lineage, run, earlier)
+            except AttemptFinished as done:
+                await self._ledger.finish(tracked, done.outcome, done.reason)
+        except asyncio.CancelledError:
+            # Shutdown. Before the handoff nothing happened outside: record it as abandoned.
+            # At HANDING_OFF or later the row stays as it is, for reconcile on the next start.
+            if tracked.attempt.step in rec.BEFORE_HANDOFF:
+                await self._ledger.finish(
+                    tracked, AttemptOutcome.ABANDONED, "stopped before the handoff"
+                )
+            else:
+                self._ledger.tracked.pop(tracked.attempt.lineage_id, None)
+            raise
+        except Exception as exc:  # noqa: BLE001 - per-attempt boundary: one attempt's bug or store error must not stop the daemon's TaskGroup
+            log.error(
+                "attempt_crashed",
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                step=tracked.attempt.step.value,
+                reason=repr(exc),
+            )
+            await self._after_crash(tracked, exc)
+        finally:
+            tracked.task = None
+
+    async def _after_crash(self, tracked: rec.Tracked, exc: Exception) -> None:
+        if tracked.attempt.step not in rec.BEFORE_HANDOFF:
+            return  # the handoff may have happened: keep confirming, never hand off again
+        try:
+            await self._ledger.finish(tracked, AttemptOutcome.FAILED, f"internal error: {exc!r}")
+        except Exception as again:  # noqa: BLE001 - the store is failing too; reconcile will abandon the row
+            log.error(
+                "attempt_finish_failed",
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                reason=repr(again),
+            )
+            self._ledger.tracked.pop(tracked.attempt.lineage_id, None)
+
+    async def _steps(
+        self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
+    ) -> None:
+        rule = tracked.rule
+        await self._ledger.record(tracked, AttemptStep.SELECTING, "ranking candidate checkpoints")
+        chosen = await self._select(tracked, lineage, run, earlier)
+        found: dict[str, Any] = {
+            "checkpoint_path": chosen.tinker_path,
+            "checkpoint_time": chosen.time,
+        }
+        if rule.checkpoint.protect_ttl is not None:
+            ttl_s = int(rule.checkpoint.protect_ttl)
+            await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
+            await self._protect(tracked, chosen.tinker_path, ttl_s)
+        tags = self._tags(tracked.attempt, run)
+        hand_off_path = chosen.tinker_path
+        restored_run: str | None = None
+        if rule.restore == "sdk":
+            await self._ledger.record(
+                tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
+            )
+            result = await self._restore(tracked, chosen.tinker_path, tags)
+            hand_off_path, restored_run = result.saved_path, result.new_run_id
+        if rule.handoff is None:
+            if restored_run is None:
+                raise AttemptFinished(AttemptOutcome.FAILED, "no handoff configured")
+            # Nothing to hand off to: the run the SDK restore created is the successor.
+            await self._handed_off(
+                tracked, "restored run is the successor", hand_off_path, restored_run, **found
+            )
+            return
+        action = self._handoffs.get(rule.handoff)
+        if action is None:
+            raise AttemptFinished(AttemptOutcome.FAILED, f"handoff {rule.handoff!r} not configured")
+        if restored_run is not None:
+            tracked.exclude.add(restored_run)
+        await self._ledger.record(
+            tracked,
+            AttemptStep.HANDING_OFF,
+            f"handing off via {rule.handoff}",
+            handed_off_path=hand_off_path,
+            **found,
+        )
+        tracked.handed_off_at = tracked.attempt.updated_at
+        await self._hand_off(tracked, action, hand_off_path, tags)
+        failpoints.hit("executor.handoff_returned")
+        await self._handed_off(tracked, f"handed off via {rule.handoff}", hand_off_path, None)
+
+    @staticmethod
+    def _tags(attempt: Attempt, run: RunView) -> dict[str, str]:
+        """user_metadata for the successor: the run's own labels (so the same rule still
+        matches it) plus the lineage tags, which always win."""
+        tags = {k: v for k, v in run.user_metadata.items() if k not in _OUR_TAGS}
+        tags[TAG_LINEAGE] = attempt.lineage_id
+        tags[TAG_RECOVERED_FROM] = attempt.corrupted_run_id
+        tags[TAG_ATTEMPT] = str(attempt.number)
+        tags[TAG_IDEMPOTENCY_KEY] = attempt.attempt_id
+        return tags
+
+    async def _select(
+        self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
+    ) -> CheckpointView:
+        cfg = tracked.rule.checkpoint
+        candidates = await self._candidates(lineage, run, earlier)
+        bad = await self._store.bad_checkpoints([c.tinker_path for c in candidates])
+        ranked = ranking.rank_checkpoints(candidates, now=self._clock.now(), cfg=cfg, bad=bad)
+        for checkpoint in ranked:
+            try:
+                info = await self._gateway.weights_info(checkpoint.tinker_path)
+            except RemoteUnavailable as exc:
+                # Could not check is not bad: end this attempt and let the backoff retry later.
+                raise AttemptFinished(
+                    AttemptOutcome.FAILED, f"weights_info unavailable: {exc}"
+                ) from exc
+            except RemoteRejected as exc:
+                await self._reject(tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc)
+                continue
+            reason = ranking.rejection_reason(run, info, restore_optimizer=cfg.restore_optimizer)
+            if reason is None:
+                return checkpoint
+            await self._reject(tracked, checkpoint, reason, None)
+        raise AttemptFinished(
+            AttemptOutcome.FAILED,
+            f"no usable checkpoint ({len(candidates)} found, {len(ranked)} eligible)",
+        )
+
+    async def _candidates(
+        self, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
+    ) -> list[CheckpointView]:
+        try:
+            found = list(await self._gateway.list_checkpoints(run.run_id))
+        except RemoteUnavailable as exc:
+            raise AttemptFinished(
+                AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
+            ) from exc
+        except RemoteRejected as exc:
+            log.warning("checkpoints_unlisted", run_id=run.run_id, reason=str(exc))
+            found = []
+        if run.last_checkpoint is not None:
+            found.append(run.last_checkpoint)
+        # Fallbacks: checkpoints of the lineage's earlier runs, newest attempt first.
+        earlier_runs = [a.corrupted_run_id for a in reversed(earlier)] + [lineage.root_run_id]
+        fallbacks = [r for r in dict.fromkeys(earlier_runs) if r != run.run_id]
+        for other in fallbacks[:_MAX_EARLIER_RUNS]:
+            try:
+                found.extend(await self._gateway.list_checkpoints(other))
+            except RemoteRejected as exc:  # an old run may be gone, its checkpoints with it
+                log.info("checkpoints_unlisted", run_id=other, reason=str(exc))
+            except RemoteUnavailable as exc:
+                raise AttemptFinished(
+                    AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
+                ) from exc
+        return found
+
+    async def _reject(
+        self,
+        tracked: rec.Tracked,
+        checkpoint: CheckpointView,
+        reason: ranking.RejectionReason,
+        exc: Exception | None,
+    ) -> None:
+        detail = f"{reason.value}: {exc}" if exc is not None else reason.value
+        now = self._clock.now()
+        await self._store.mark_checkpoint_bad(checkpoint.tinker_path, detail, now)
+        await self._store.append_event(
+            Event(
+                at=now,
+                kind="checkpoint_rejected",
+                reason=detail,
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                data={"checkpoint_path": checkpoint.tinker_path, "rejection": reason.value},
+            )
+        )
+        self._metrics.checkpoints_rejected.labels(reason=reason.value).inc()
+        log.warning(
+            "checkpoint_rejected",
+            lineage_id=tracked.attempt.lineage_id,
+            attempt_id=tracked.attempt.attempt_id,
+            step=tracked.attempt.step.value,
+            checkpoint_path=checkpoint.tinker_path,
+            reason=detail,
+        )
+
+    async def _protect(self, tracked: rec.Tracked, tinker_path: str, ttl_s: int) -> None:
+        try:
+            await self._gateway.set_checkpoint_ttl(tinker_path, ttl_s)
+        except (RemoteUnavailable, RemoteRejected) as exc:
+            # The checkpoint was just checked to outlive min_ttl; protection is a bonus.
+            log.warning(
+                "checkpoint_protect_failed",
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                step=tracked.attempt.step.value,
+                checkpoint_path=tinker_path,
+                reason=str(exc),
+            )
+
+    async def _restore(
+        self, tracked: rec.Tracked, tinker_path: str, tags: Mapping[str, str]
+    ) -> RestoreResult:
+        if self._restorer is None:
+            raise AttemptFinished(AttemptOutcome.FAILED, "restore: sdk but no restorer configured")
+        try:
+            return await self._restorer.restore(
+                tinker_path,
+                with_optimizer=tracked.rule.checkpoint.restore_optimizer,
+                user_metadata=tags,
+                save_name=f"recovery-{tracked.attempt.number}",
+            )
+        except ActionFailed as exc:
+            raise AttemptFinished(AttemptOutcome.FAILED, f"restore failed: {exc}") from exc
+
+    async def _hand_off(
+        self,
+        tracked: rec.Tracked,
+        action: HandoffAction,
+        tinker_path: str,
+        tags: Mapping[str, str],
+    ) -> None:
+        attempt = tracked.attempt
+        request = HandoffRequest(
+            lineage_id=attempt.lineage_id,
+            corrupted_run_id=attempt.corrupted_run_id,
+            checkpoint_path=tinker_path,
+            attempt=attempt.number,
+            idempotency_key=attempt.attempt_id,
+            restore_optimizer=tracked.rule.checkpoint.restore_optimizer,
+            user_metadata=tags,
+        )
+        try:
+            await action.hand_off(request)
+        except ActionFailed as exc:
+            self._metrics.handoffs.labels(type=action.kind, outcome="failed").inc()
+            log.warning(
+                "handoff_failed",
+                lineage_id=attempt.lineage_id,
+                attempt_id=attempt.attempt_id,
+                step=attempt.step.value,
+                handoff=action.kind,
+                exit_code=exc.exit_code,
+                reason=str(exc),
+            )
+            raise AttemptFinished(AttemptOutcome.FAILED, f"handoff failed: {exc}") from exc
+        self._metrics.handoffs.labels(type=action.kind, outcome="succeeded").inc()
+
+    async def _handed_off(
+        self,
+        tracked: rec.Tracked,
+        reason: str,
+        tinker_path: str,
+        successor: str | None,
+        **changes: Any,
+    ) -> None:
+        await self._ledger.record(
+            tracked,
+            AttemptStep.HANDED_OFF,
+            reason,
+            handed_off_path=tinker_path,
+            successor_run_id=successor,
+            **changes,
+        )
+        if tracked.handed_off_at is None:
+            tracked.handed_off_at = tracked.attempt.updated_at
+        lineage = await self._store.get_lineage(tracked.attempt.lineage_id)
+        if lineage is not None and lineage.state is LineageState.RECOVERING:
+            recovered = dataclasses.replace(
+                lineage,
+                state=LineageState.RECOVERED,
+                reason=f"{reason}; waiting for the successor to progress",
+                updated_at=tracked.attempt.updated_at,
+            )
+            await self._ledger.save_lineage(lineage, recovered, tracked.attempt)
+        await self._ledger.record(tracked, AttemptStep.CONFIRMING, "waiting for the successor")

@@ -1,0 +1,473 @@
+"""The attempt ledger: recording steps, confirming successors, reconciling after a restart.
+
+The executor (shell/executor.py) runs an attempt's steps; this module owns what outlives a step:
+the rows and events it writes, the confirmation of a handed-off attempt against each listing, the
+finish (outcome, lineage via the policy, metrics), and start-up reconciliation, which never hands
+off again. The successor helpers at the top read only their arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from tinker_recovery.core import policy
+from tinker_recovery.core.model import (
+    TAG_IDEMPOTENCY_KEY,
+    TAG_LINEAGE,
+    Attempt,
+    AttemptOutcome,
+    AttemptStep,
+    CheckpointKind,
+    Lineage,
+    LineageState,
+    RunView,
+)
+from tinker_recovery.obs.metrics import Metrics
+from tinker_recovery.settings import Rule
+from tinker_recovery.shell import failpoints
+from tinker_recovery.shell.clock import Clock
+from tinker_recovery.shell.store.base import Event, Store
+
+log = structlog.get_logger(__name__)
+
+# Steps at which the handoff has certainly not happened: a restart may abandon these safely.
+BEFORE_HANDOFF = frozenset(
+    {
+        AttemptStep.CREATED,
+        AttemptStep.SELECTING,
+        AttemptStep.PROTECTING,
+        AttemptStep.RESTORING,
+    }
+)
+
+EVENT_STEP = "attempt_step"
+
+
+def run_id_of(tinker_path: str | None) -> str | None:
+    """`tinker://<run>/weights/000020` -> `<run>`; None for anything else."""
+    if tinker_path is None or not tinker_path.startswith("tinker://"):
+        return None
+    run_id = tinker_path.removeprefix("tinker://").split("/", 1)[0]
+    return run_id or None
+
+
+def known_runs(lineage: Lineage | None, attempts: Iterable[Attempt], current: Attempt) -> set[str]:
+    """Runs of the lineage that existed before `current` and so cannot be its successor."""
+    known = {current.corrupted_run_id}
+    if lineage is not None:
+        known |= {lineage.root_run_id, lineage.current_run_id}
+    for other in attempts:
+        if other.attempt_id == current.attempt_id:
+            continue
+        known.add(other.corrupted_run_id)
+        if other.successor_run_id is not None:
+            known.add(other.successor_run_id)
+    # With `restore: sdk` plus a handoff, the daemon's own restored run carries the attempt's
+    # tags too, but it only holds the fresh checkpoint: the job's run is the successor.
+    restored = run_id_of(current.handed_off_path)
+    if (
+        current.successor_run_id is None
+        and restored is not None
+        and restored != run_id_of(current.checkpoint_path)
+    ):
+        known.add(restored)
+    return known
+
+
+def find_successor(
+    attempt: Attempt, runs: Sequence[RunView], *, exclude: Iterable[str]
+) -> RunView | None:
+    """The run that continues `attempt`'s lineage, if the listing shows one.
+
+    A run carrying the attempt's idempotency key wins. Otherwise a run tagged with the lineage
+    that is not one of the lineage's earlier runs (`exclude`). Ties go to the busiest run.
+    """
+    if attempt.successor_run_id is not None:
+        return next((r for r in runs if r.run_id == attempt.successor_run_id), None)
+    excluded = set(exclude)
+    by_key = [
+        r
+        for r in runs
+        if r.user_metadata.get(TAG_IDEMPOTENCY_KEY) == attempt.attempt_id
+        and r.run_id not in excluded
+    ]
+    by_lineage = [
+        r
+        for r in runs
+        if r.user_metadata.get(TAG_LINEAGE) == attempt.lineage_id
+        and r.run_id not in excluded
+        # A run tagged for a different attempt belongs to that attempt, not to this one.
+        and r.user_metadata.get(TAG_IDEMPOTENCY_KEY) in (None, attempt.attempt_id)
+    ]
+    candidates = by_key or by_lineage
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.last_request_time, r.run_id))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    requested: bool  # the successor sent requests after the handoff
+    checkpointed: bool  # the successor saved a training checkpoint newer than the restored one
+
+    @property
+    def confirmed(self) -> bool:
+        return self.requested or self.checkpointed
+
+
+def judge_progress(attempt: Attempt, successor: RunView, *, handed_off_at: datetime) -> Progress:
+    """Has the successor moved since the handoff?"""
+    requested = successor.last_request_time > handed_off_at
+    checkpoint = successor.last_checkpoint
+    # With `restore: sdk` the handed-off checkpoint was saved just before the handoff, so "newer"
+    # means newer than the handoff; otherwise newer than the checkpoint the job resumed from.
+    if attempt.handed_off_path == attempt.checkpoint_path and attempt.checkpoint_time is not None:
+        threshold = attempt.checkpoint_time
+    else:
+        threshold = handed_off_at
+    checkpointed = (
+        checkpoint is not None
+        and checkpoint.kind is CheckpointKind.TRAINING
+        and checkpoint.tinker_path not in (attempt.handed_off_path, attempt.checkpoint_path)
+        and checkpoint.time > threshold
+    )
+    return Progress(requested=requested, checkpointed=checkpointed)
+
+
+def handed_off_at(attempt: Attempt, events: Sequence[Event]) -> datetime:
+    """When the handoff began, from the event log; the row's last update if the log is trimmed.
+
+    The confirm deadline counts from here, so a daemon restart does not extend it.
+    """
+    marks = [
+        event.at
+        for event in events
+        if event.attempt_id == attempt.attempt_id
+        and event.kind == EVENT_STEP
+        and event.data.get("step") in (AttemptStep.HANDING_OFF, AttemptStep.HANDED_OFF)
+    ]
+    if marks:
+        return min(marks)
+    return attempt.updated_at
+
+
+@dataclasses.dataclass
+class Tracked:
+    """An attempt the executor is running or confirming."""
+
+    attempt: Attempt
+    rule: Rule
+    exclude: set[str]  # runs that cannot be the successor (they existed before the attempt)
+    handed_off_at: datetime | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def deadline(self) -> datetime | None:
+        if self.handed_off_at is None:
+            return None
+        return self.handed_off_at + timedelta(seconds=self.rule.confirm_deadline)
+
+
+class Ledger:
+    """Attempt bookkeeping shared by the executor's steps, `observe` and `reconcile`."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        metrics: Metrics,
+        rand: Callable[[], float],
+        rules: Sequence[Rule],
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._rand = rand
+        self.rules = {rule.name: rule for rule in rules}
+        self.tracked: dict[str, Tracked] = {}  # by lineage id: one attempt per lineage
+        self.seen_runs: set[str] = set()  # every run id a successful listing has shown
+
+    # recording ---------------------------------------------------------------------------------
+
+    async def record(
+        self,
+        tracked: Tracked,
+        step: AttemptStep,
+        reason: str,
+        *,
+        at: datetime | None = None,
+        **changes: Any,
+    ) -> None:
+        """Write the step (row + event) before the caller takes it."""
+        now = at or self._clock.now()
+        attempt = dataclasses.replace(tracked.attempt, step=step, updated_at=now, **changes)
+        await self._store.save_attempt(attempt, self._event(attempt, EVENT_STEP, reason, now))
+        tracked.attempt = attempt
+        failpoints.hit(f"executor.{step.value}")  # crash tests: die right after the row
+        log.info(
+            "attempt_step",
+            lineage_id=attempt.lineage_id,
+            attempt_id=attempt.attempt_id,
+            step=step.value,
+            reason=reason,
+        )
+
+    @staticmethod
+    def _event(attempt: Attempt, kind: str, reason: str, at: datetime) -> Event:
+        return Event(
+            at=at,
+            kind=kind,
+            reason=reason,
+            lineage_id=attempt.lineage_id,
+            attempt_id=attempt.attempt_id,
+            run_id=attempt.successor_run_id or attempt.corrupted_run_id,
+            data={
+                "step": attempt.step.value,
+                "number": attempt.number,
+                "outcome": attempt.outcome.value if attempt.outcome else None,
+                "checkpoint_path": attempt.checkpoint_path,
+                "handed_off_path": attempt.handed_off_path,
+                "successor_run_id": attempt.successor_run_id,
+            },
+        )
+
+    async def save_lineage(self, before: Lineage, after: Lineage, attempt: Attempt) -> None:
+        event = Event(
+            at=after.updated_at,
+            kind="lineage_transition",
+            reason=after.reason,
+            lineage_id=after.lineage_id,
+            attempt_id=attempt.attempt_id,
+            run_id=after.current_run_id,
+            data={"from": before.state.value, "to": after.state.value},
+        )
+        await self._store.save_lineage(after, event)
+        log.info(
+            "lineage_transition",
+            lineage_id=after.lineage_id,
+            attempt_id=attempt.attempt_id,
+            state=after.state.value,
+            reason=after.reason,
+        )
+
+    async def finish(
+        self,
+        tracked: Tracked,
+        outcome: AttemptOutcome,
+        reason: str,
+        *,
+        now: datetime | None = None,
+        progressed: bool = False,
+    ) -> None:
+        """Store the outcome, move the lineage on via the policy, and export the figures."""
+        now = now or self._clock.now()
+        attempt = dataclasses.replace(
+            tracked.attempt,
+            step=AttemptStep.DONE,
+            outcome=outcome,
+            reason=reason,
+            finished_at=now,
+            updated_at=now,
+        )
+        await self._store.save_attempt(
+            attempt, self._event(attempt, "attempt_finished", reason, now)
+        )
+        tracked.attempt = attempt
+        self.tracked.pop(attempt.lineage_id, None)
+        log.info(
+            "attempt_finished",
+            lineage_id=attempt.lineage_id,
+            attempt_id=attempt.attempt_id,
+            step=attempt.step.value,
+            outcome=outcome.value,
+            reason=reason,
+        )
+        lineage = await self._store.get_lineage(attempt.lineage_id)
+        self._export(attempt, lineage, now)
+        if lineage is not None:
+            await self._apply_policy(lineage, attempt, tracked.rule, now, progressed=progressed)
+
+    async def _apply_policy(
+        self, lineage: Lineage, attempt: Attempt, rule: Rule, now: datetime, *, progressed: bool
+    ) -> None:
+        after = policy.on_attempt_finished(lineage, attempt, now, rule, self._rand(), progressed)
+        if after != lineage:
+            await self.save_lineage(lineage, after, attempt)
+
+    def _export(self, attempt: Attempt, lineage: Lineage | None, now: datetime) -> None:
+        assert attempt.outcome is not None
+        self._metrics.attempts.labels(outcome=attempt.outcome.value).inc()
+        self._metrics.attempt_duration.observe((now - attempt.started_at).total_seconds())
+        if attempt.outcome is not AttemptOutcome.SUCCEEDED or lineage is None:
+            return
+        if lineage.detected_at is not None:
+            self._metrics.time_to_recovery.observe((now - lineage.detected_at).total_seconds())
+        if lineage.corrupted_since is not None and attempt.checkpoint_time is not None:
+            lost_s = (lineage.corrupted_since - attempt.checkpoint_time).total_seconds()
+            self._metrics.work_lost.observe(max(lost_s, 0.0))
+
+    # confirmation ------------------------------------------------------------------------------
+
+    async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
+        """Confirm or fail handed-off attempts against one successful listing."""
+        self.seen_runs.update(run.run_id for run in runs)
+        for tracked in list(self.tracked.values()):
+            # Not running and past the handoff point: confirm. (HANDING_OFF/HANDED_OFF here means
+            # a step crashed on a store error after the handoff may have happened.)
+            step = tracked.attempt.step
+            if tracked.task is None and step not in BEFORE_HANDOFF and step is not AttemptStep.DONE:
+                await self._confirm(tracked, runs, now)
+
+    async def _confirm(self, tracked: Tracked, runs: Sequence[RunView], now: datetime) -> None:
+        if tracked.handed_off_at is None:
+            tracked.handed_off_at = tracked.attempt.updated_at
+        successor = find_successor(tracked.attempt, runs, exclude=tracked.exclude)
+        if successor is not None and tracked.attempt.successor_run_id is None:
+            await self.record(
+                tracked,
+                AttemptStep.CONFIRMING,
+                f"successor {successor.run_id} appeared",
+                at=now,
+                successor_run_id=successor.run_id,
+            )
+        if successor is not None:
+            progress = judge_progress(
+                tracked.attempt, successor, handed_off_at=tracked.handed_off_at
+            )
+            if progress.confirmed:
+                what = "saved a newer checkpoint" if progress.checkpointed else "sent requests"
+                await self.finish(
+                    tracked,
+                    AttemptOutcome.SUCCEEDED,
+                    f"successor {successor.run_id} {what}",
+                    now=now,
+                    progressed=progress.checkpointed,
+                )
+                return
+        deadline = tracked.deadline
+        if deadline is not None and now >= deadline:
+            why = "made no progress" if successor is not None else "never appeared"
+            reason = f"successor {why} before the confirm deadline"
+            await self.finish(tracked, AttemptOutcome.FAILED, reason, now=now)
+
+    # start-up ----------------------------------------------------------------------------------
+
+    def rule_for(self, lineage: Lineage | None) -> Rule:
+        name = lineage.rule if lineage is not None else None
+        rule = self.rules.get(name or "")
+        if rule is None:
+            # The rule was renamed or removed since: defaults still bound the confirmation.
+            log.warning("attempt_rule_missing", rule=name)
+            rule = Rule(name=name or "unknown")
+        return rule
+
+    async def reconcile(self, runs: Sequence[RunView] | None) -> None:
+        """Settle attempts a previous process left unfinished. Never hands off."""
+        now = self._clock.now()
+        for attempt in await self._store.unfinished_attempts():
+            if attempt.lineage_id in self.tracked:
+                continue  # ours already (a second takeover in the same process)
+            lineage = await self._store.get_lineage(attempt.lineage_id)
+            others = await self._store.attempts(attempt.lineage_id)
+            tracked = Tracked(
+                attempt=attempt,
+                rule=self.rule_for(lineage),
+                exclude=known_runs(lineage, others, attempt),
+            )
+            self.tracked[attempt.lineage_id] = tracked
+            if attempt.step in BEFORE_HANDOFF:
+                reason = "daemon stopped before the handoff"
+                await self.finish(tracked, AttemptOutcome.ABANDONED, reason, now=now)
+                continue
+            await self._resume(tracked, lineage, runs, now)
+        await self._repair_lineages(now)
+
+    async def _resume(
+        self,
+        tracked: Tracked,
+        lineage: Lineage | None,
+        runs: Sequence[RunView] | None,
+        now: datetime,
+    ) -> None:
+        attempt = tracked.attempt
+        events = await self._store.events(lineage_id=attempt.lineage_id, limit=1000)
+        tracked.handed_off_at = handed_off_at(attempt, events)
+        successor = find_successor(attempt, runs or (), exclude=tracked.exclude)
+        found: str | None
+        if successor is not None:
+            reason = f"resumed after restart; successor {successor.run_id} found"
+            found = successor.run_id
+        else:
+            reason = "resumed after restart; the handoff may have happened; waiting for it"
+            found = attempt.successor_run_id
+        await self.record(tracked, AttemptStep.CONFIRMING, reason, at=now, successor_run_id=found)
+        if lineage is not None and lineage.state is LineageState.RECOVERING:
+            after = dataclasses.replace(
+                lineage, state=LineageState.RECOVERED, reason=reason, updated_at=now
+            )
+            await self.save_lineage(lineage, after, tracked.attempt)
+
+    async def _repair_lineages(self, now: datetime) -> None:
+        """Lineages left RECOVERING/RECOVERED with no attempt in flight (killed between writes)."""
+        stuck = [LineageState.RECOVERING, LineageState.RECOVERED]
+        for lineage in await self._store.list_lineages(stuck):
+            if lineage.lineage_id in self.tracked:
+                continue
+            attempts = await self._store.attempts(lineage.lineage_id)
+            last = max(attempts, key=lambda a: a.number, default=None)
+            if last is None or last.number != lineage.attempts_total:
+                if lineage.state is not LineageState.RECOVERING:
+                    continue
+                # The lineage was saved but the process died before the attempt row: record
+                # the attempt as abandoned so the budget and history stay truthful.
+                last = Attempt(
+                    attempt_id=f"{lineage.lineage_id}#{lineage.attempts_total}-unrecorded",
+                    lineage_id=lineage.lineage_id,
+                    number=lineage.attempts_total,
+                    corrupted_run_id=lineage.current_run_id,
+                    step=AttemptStep.DONE,
+                    started_at=lineage.updated_at,
+                    updated_at=now,
+                    outcome=AttemptOutcome.ABANDONED,
+                    reason="daemon stopped before the attempt was recorded",
+                    finished_at=now,
+                )
+                await self._store.save_attempt(
+                    last, self._event(last, "attempt_finished", last.reason, now)
+                )
+            log.warning(
+                "lineage_repaired", lineage_id=lineage.lineage_id, attempt_id=last.attempt_id
+            )
+            rule = self.rule_for(lineage)
+            await self._apply_policy(lineage, last, rule, now, progressed=False)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """In-flight attempts for /status (ids and paths only; nothing secret)."""
+        out = []
+        for tracked in self.tracked.values():
+            a = tracked.attempt
+            deadline = tracked.deadline
+            out.append(
+                {
+                    "attempt_id": a.attempt_id,
+                    "lineage_id": a.lineage_id,
+                    "number": a.number,
+                    "step": a.step.value,
+                    "rule": tracked.rule.name,
+                    "corrupted_run_id": a.corrupted_run_id,
+                    "checkpoint_path": a.checkpoint_path,
+                    "handed_off_path": a.handed_off_path,
+                    "successor_run_id": a.successor_run_id,
+                    "started_at": a.started_at.isoformat(),
+                    "confirm_deadline": deadline.isoformat() if deadline else None,
+                    "running": tracked.task is not None,
+                }
+            )
+        return out
