@@ -141,7 +141,12 @@ async def _call(request: Request, handler: Handler, faults: list[FaultSpec], nam
 def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small closures
     async def client_config(request: Request, keep: float | None) -> Response:
         await read_json(request)
-        return JSONResponse({"pjwt_auth_enabled": False, "use_pyqwest_transport": True})
+        # The SDK fetches this through a one-off connection pool it never closes; closing the
+        # connection here keeps its socket from lingering until garbage collection.
+        return JSONResponse(
+            {"pjwt_auth_enabled": False, "use_pyqwest_transport": True},
+            headers={"Connection": "close"},
+        )
 
     async def dynamic_config(request: Request, keep: float | None) -> Response:
         await read_json(request)
@@ -233,6 +238,21 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
             return Response(payload, media_type="application/x-protobuf")
         return JSONResponse(payload)
 
+    async def forward_backward(request: Request, keep: float | None) -> Response:
+        if "protobuf" not in request.headers.get("content-type", ""):
+            return JSONResponse(training.forward_backward(emu, await read_json(request)))
+        if request.headers.get("content-encoding"):
+            raise ApiError(400, "compressed forward_backward bodies are not supported")
+        # The SDK sends this request as protobuf; only the model id matters here.
+        from tinker.proto import tinker_public_pb2 as public_pb
+
+        message = public_pb.ForwardBackwardRequest()
+        try:
+            message.ParseFromString(await request.body())
+        except Exception as exc:  # protobuf's DecodeError; its module has no type stubs
+            raise ApiError(400, "request body is not a ForwardBackwardRequest") from exc
+        return JSONResponse(training.forward_backward(emu, {"model_id": message.model_id}))
+
     async def auth_token(request: Request, keep: float | None) -> Response:
         raise ApiError(404, "JWT exchange is not enabled on this server")
 
@@ -275,7 +295,7 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
             "forward_backward",
             "/api/v1/forward_backward",
             ["POST"],
-            body_call(training.forward_backward),
+            forward_backward,
         ),
         ("optim_step", "/api/v1/optim_step", ["POST"], body_call(training.optim_step)),
         ("unload_model", "/api/v1/unload_model", ["POST"], body_call(training.unload_model)),

@@ -7,6 +7,7 @@ blocking entry point behind `tinker-recovery emulate`.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import sys
@@ -73,7 +74,15 @@ class EmulatorServer:
         self._thread = threading.Thread(target=self._run, name=f"emulator-{self.port}", daemon=True)
 
     def _run(self) -> None:
-        self._server.run(sockets=[self._sock])
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._server.serve(sockets=[self._sock]))
+            # uvicorn closes idle keep-alive connections on the way out; give their
+            # transports a few loop turns to really close before the loop goes away.
+            for _ in range(3):
+                loop.run_until_complete(asyncio.sleep(0))
+        finally:
+            loop.close()
 
     def start(self) -> EmulatorServer:
         self._thread.start()
@@ -104,13 +113,9 @@ class EmulatorServer:
         self.stop()
 
     async def __aenter__(self) -> EmulatorServer:
-        import asyncio
-
         return await asyncio.to_thread(self.start)
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        import asyncio
-
         await asyncio.to_thread(self.stop)
 
 

@@ -68,6 +68,7 @@ class Emulator:
     ) -> None:
         self.config = config
         self.lock = threading.RLock()
+        self._counted = threading.Condition(self.lock)
         self._monotonic = monotonic
         self._mono0 = monotonic()
         self._t0 = config.start_time if config.start_time is not None else float(math.floor(wall()))
@@ -141,6 +142,12 @@ class Emulator:
         with self.lock:
             self.requests[endpoint] += 1
             self.statuses[(endpoint, status)] += 1
+            self._counted.notify_all()
+
+    def wait_for_requests(self, endpoint: str, at_least: int, timeout_s: float) -> bool:
+        """Block until `endpoint` has answered `at_least` requests (for tests; no polling)."""
+        with self._counted:
+            return self._counted.wait_for(lambda: self.requests[endpoint] >= at_least, timeout_s)
 
     def request_counts(self) -> dict[str, Any]:
         with self.lock:
