@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -61,7 +61,7 @@ class Rig:
 
     def schema_versions(self) -> list[int]:
         if self.backend == "sqlite":
-            with sqlite3.connect(self.path) as conn:
+            with closing(sqlite3.connect(self.path)) as conn:
                 rows = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
         else:
             with psycopg.connect(self.url) as conn:

@@ -14,12 +14,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from tinker_recovery.errors import ConfigError
 from tinker_recovery.shell.clock import Clock
 
 from .base import Store
-from .postgres import PostgresStore, connection_kwargs
+from .postgres import PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = ["PostgresStore", "SqliteStore", "Store", "open_store", "redact_url"]
@@ -38,14 +39,22 @@ def open_store(url: str | None, *, clock: Clock, state_directory: str | None) ->
     if scheme == "sqlite":
         return SqliteStore(_sqlite_path(url), clock=clock)
     if scheme in _PG_SCHEMES:
-        try:
-            connection_kwargs(url)  # parses the URL with libpq's own rules
-        except psycopg.Error as exc:
-            raise ConfigError(f"invalid PostgreSQL state URL {redact_url(url)}") from exc
+        _check_postgres_url(url)
         return PostgresStore(url, clock=clock)
     raise ConfigError(
         f"unsupported state URL scheme {scheme!r}: use sqlite:///PATH or postgresql://..."
     )
+
+
+def _check_postgres_url(url: str) -> None:
+    try:
+        params = conninfo_to_dict(url)  # libpq's own parser: what the driver will see
+    except psycopg.Error as exc:
+        raise ConfigError(f"invalid PostgreSQL state URL {redact_url(url)}") from exc
+    # libpq only checks ports when it connects; a typo should fail at start-up instead.
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"invalid PostgreSQL state URL {redact_url(url)}: bad port")
 
 
 def _sqlite_path(url: str) -> Path:

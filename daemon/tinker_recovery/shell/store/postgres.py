@@ -262,8 +262,8 @@ class PostgresStore:
                     lineage.root_run_id,
                     lineage.current_run_id,
                     lineage.state.value,
-                    lineage.first_seen_at,
-                    lineage.updated_at,
+                    _ts(lineage.first_seen_at),
+                    _ts(lineage.updated_at),
                     codec.lineage_to_json(lineage),
                 ),
             )
@@ -315,7 +315,7 @@ class PostgresStore:
                     attempt.corrupted_run_id,
                     attempt.successor_run_id,
                     None if attempt.outcome is None else attempt.outcome.value,
-                    attempt.started_at,
+                    _ts(attempt.started_at),
                     codec.attempt_to_json(attempt),
                 ),
             )
@@ -345,7 +345,7 @@ class PostgresStore:
                 "INSERT INTO bad_checkpoints (tinker_path, reason, at) VALUES (%s, %s, %s)"
                 " ON CONFLICT (tinker_path) DO UPDATE SET reason = EXCLUDED.reason,"
                 " at = EXCLUDED.at",
-                (tinker_path, reason, at),
+                (tinker_path, reason, _ts(at)),
             )
 
     async def bad_checkpoints(self, tinker_paths: Sequence[str]) -> set[str]:
@@ -401,7 +401,7 @@ class PostgresStore:
                     "INSERT INTO holds (scope, held_by, at) VALUES (%s, %s, %s)"
                     " ON CONFLICT (scope) DO UPDATE SET held_by = EXCLUDED.held_by,"
                     " at = EXCLUDED.at",
-                    (scope, by, at),
+                    (scope, by, _ts(at)),
                 )
             else:
                 await conn.execute("DELETE FROM holds WHERE scope = %s", (scope,))
@@ -417,7 +417,7 @@ class PostgresStore:
             cur = await conn.execute(
                 "INSERT INTO manual_requests (run_id, checkpoint_path, requested_at,"
                 " requested_by) VALUES (%s, %s, %s, %s) RETURNING request_id",
-                (run_id, checkpoint_path, at, by),
+                (run_id, checkpoint_path, _ts(at), by),
             )
             row = await cur.fetchone()
         assert row is not None  # INSERT ... RETURNING always returns the new row
@@ -449,7 +449,7 @@ async def _insert_event(conn: Conn, event: Event) -> None:
         "INSERT INTO events (at, kind, reason, lineage_id, attempt_id, run_id, data)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s)",
         (
-            event.at,
+            _ts(event.at),
             event.kind,
             event.reason,
             event.lineage_id,
@@ -458,6 +458,12 @@ async def _insert_event(conn: Conn, event: Event) -> None:
             codec.event_data_to_json(event),
         ),
     )
+
+
+def _ts(value: datetime) -> datetime:
+    """Refuse naive datetimes, as the SQLite backend does: the server would guess their zone."""
+    codec.dump_time(value)
+    return value
 
 
 def _utc(value: datetime) -> datetime:
