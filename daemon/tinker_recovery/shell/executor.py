@@ -39,6 +39,7 @@ from tinker_recovery.settings import Rule
 from tinker_recovery.shell import failpoints
 from tinker_recovery.shell import reconcile as rec
 from tinker_recovery.shell.clock import Clock
+from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
 from tinker_recovery.shell.store.base import Event, Store
 
 log = structlog.get_logger(__name__)
@@ -48,26 +49,8 @@ _OUR_TAGS = (TAG_LINEAGE, TAG_RECOVERED_FROM, TAG_ATTEMPT, TAG_IDEMPOTENCY_KEY)
 _MAX_EARLIER_RUNS = 8
 
 
-# MIRRORS: shell/handoff.py and shell/restore.py are being written in parallel; these follow their
-# agreed contracts and are replaced by imports once those modules land.
-@dataclasses.dataclass(frozen=True, slots=True)
-class HandoffRequest:
-    lineage_id: str
-    corrupted_run_id: str
-    checkpoint_path: str
-    attempt: int
-    idempotency_key: str
-    restore_optimizer: bool
-    user_metadata: Mapping[str, str]
-
-
-class HandoffAction(Protocol):
-    @property
-    def kind(self) -> str: ...
-
-    async def hand_off(self, request: HandoffRequest) -> str: ...
-
-
+# MIRROR: shell/restore.py is being written in parallel; this follows its agreed contract
+# and becomes an import once that module lands.
 @dataclasses.dataclass(frozen=True, slots=True)
 class RestoreResult:
     new_run_id: str

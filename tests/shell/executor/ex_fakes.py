@@ -30,6 +30,7 @@ from tinker_recovery.errors import ActionFailed, RemoteRejected
 from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import CheckpointSettings, Rule
 from tinker_recovery.shell import executor as ex
+from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
 from tinker_recovery.shell.store.base import Event
 from tinker_recovery.shell.store.sqlite import SqliteStore
 
@@ -51,9 +52,11 @@ class KillSwitch:
         self.at = at
         self.count = 0
         self.fired: str | None = None  # label of the side effect the kill interrupted
+        self.labels: list[str] = []  # every kill point passed, in order
 
     def tick(self, label: str) -> None:
         self.count += 1
+        self.labels.append(label)
         if self.at is not None and self.count == self.at:
             self.fired = label
             raise Killed(label)
@@ -251,12 +254,14 @@ class FakeHandoff:
         self.switch = switch
         self.fleet = fleet
         self.starts_job = starts_job
-        self.requests: list[ex.HandoffRequest] = []
+        self.requests: list[HandoffRequest] = []
         self.error: ActionFailed | None = None
         self.block: asyncio.Event | None = None  # set: hand_off waits on it (for drain tests)
+        self.entered = asyncio.Event()  # hand_off has begun
 
-    async def hand_off(self, request: ex.HandoffRequest) -> str:
+    async def hand_off(self, request: HandoffRequest) -> str:
         self.switch.tick("handoff")
+        self.entered.set()
         if self.block is not None:
             await self.block.wait()
         self.requests.append(request)
@@ -313,7 +318,7 @@ class World:
     executor: ex.Executor
     rules: Sequence[Rule]
 
-    def handoffs(self) -> dict[str, ex.HandoffAction]:
+    def handoffs(self) -> dict[str, HandoffAction]:
         return {"job": self.handoff}
 
     def sample(self, name: str, **labels: str) -> float:
