@@ -129,3 +129,15 @@ def test_backoff_delays_grow_then_cap_over_repeated_failures() -> None:
         assert known.next_attempt_at is not None
         delays.append(round((known.next_attempt_at - NOW).total_seconds()))
     assert delays == [30, 60, 120, 240, 480, 600, 600]
+
+
+def test_keyword_call_matches_the_published_signature() -> None:
+    got = policy.on_attempt_finished(
+        lineage=recovering(-100),
+        attempt=attempt(Out.FAILED),
+        now=NOW,
+        rule=RULE,
+        rand=0.0,
+        progressed=False,
+    )
+    assert (got.state, got.next_attempt_at) == (S.WAITING, NOW)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import assert_never
 
-from tinker_recovery.core import backoff, breaker, humanize, lineage, rules
+from tinker_recovery.core import backoff, breaker, humanize, rules
+from tinker_recovery.core import lineage as machine  # the per-lineage state machine
 from tinker_recovery.core.model import (
     Attempt,
     AttemptOutcome,
@@ -114,21 +115,21 @@ def _observe(
         untouched = _untouched(before, run)
         if untouched is not None:
             return untouched
-    current = before or lineage.new_lineage(
+    current = before or machine.new_lineage(
         run, now, preexisting=run.corrupted and fleet.is_first_poll
     )
     rule = rules.match_rule(run, policy.rules)
-    current = lineage.resume(lineage.note_run(current, run, rule), now)
-    step = lineage.read(current, run, policy.confirmations, now)
+    current = machine.resume(machine.note_run(current, run, rule), now)
+    step = machine.read(current, run, policy.confirmations, now)
     if _is_operator_held(current, fleet) and (
-        step is None or step.lineage.state in lineage.HOLDABLE_STATES
+        step is None or step.lineage.state in machine.HOLDABLE_STATES
     ):
-        step = step or lineage.Step(current, DecisionKind.HOLD, "")
+        step = step or machine.Step(current, DecisionKind.HOLD, "")
         return _hold_for_operator(before, step, fleet, now)
-    screened = step or lineage.screen(current, run, rule, now)
-    if isinstance(screened, lineage.Step):
+    screened = step or machine.screen(current, run, rule, now)
+    if isinstance(screened, machine.Step):
         return Decision(
-            screened.kind, screened.reason, lineage.settle(before, screened.lineage, now)
+            screened.kind, screened.reason, machine.settle(before, screened.lineage, now)
         )
     return _Candidate(index, before, current, screened)
 
@@ -138,7 +139,7 @@ def _untouched(before: Lineage, run: RunView) -> Decision | None:
     if run.run_id != before.current_run_id:
         reason = f"run {run.run_id} is not the lineage's current run {before.current_run_id}"
         return Decision(DecisionKind.WATCH, reason, before)
-    if before.state in lineage.EXECUTOR_STATES:
+    if before.state in machine.EXECUTOR_STATES:
         reason = f"attempt {before.attempts_total} in flight ({before.state}): executor owns it"
         return Decision(DecisionKind.WATCH, reason, before)
     return None
@@ -149,14 +150,14 @@ def _is_operator_held(current: Lineage, fleet: FleetView) -> bool:
 
 
 def _hold_for_operator(
-    before: Lineage | None, step: lineage.Step, fleet: FleetView, now: datetime
+    before: Lineage | None, step: machine.Step, fleet: FleetView, now: datetime
 ) -> Decision:
     why = FLEET_HOLD_REASON if fleet.fleet_held else OPERATOR_HOLD_REASON
     held = replace(step.lineage, state=LineageState.HELD, held_by_operator=True, reason=why)
     # A confirmation still counts while paused (metrics, the breaker); it just starts nothing.
     kind = DecisionKind.CONFIRM if step.kind is DecisionKind.CONFIRM else DecisionKind.HOLD
     reason = f"{why}; {step.reason}" if step.reason else why
-    return Decision(kind, reason, lineage.settle(before, held, now))
+    return Decision(kind, reason, machine.settle(before, held, now))
 
 
 def _gate(
@@ -186,7 +187,7 @@ def _gate(
             next_attempt_at=None,  # the backoff (if any) is over; only the fleet holds it back
             held_by_operator=False,
         )
-        settled = lineage.settle(cand.before, parked, now)
+        settled = machine.settle(cand.before, parked, now)
         out[cand.index] = Decision(block.kind, block.reason, settled)
     return out
 
@@ -237,7 +238,7 @@ def _order(cand: _Candidate, now: datetime) -> tuple[int, datetime, str]:
 
 def _start(cand: _Candidate, now: datetime, dry_run: bool) -> Decision:
     rule, current = cand.rule, cand.lineage
-    used = lineage.attempts_in_window(current.attempt_starts, now, rule.window)
+    used = machine.attempts_in_window(current.attempt_starts, now, rule.window)
     budget = f"{used + 1}/{rule.max_attempts} in {humanize.duration(rule.window)}, rule {rule.name}"
     if dry_run:
         idle = replace(
@@ -246,7 +247,7 @@ def _start(cand: _Candidate, now: datetime, dry_run: bool) -> Decision:
         return Decision(
             DecisionKind.DRY_RUN,
             f"dry run: would start attempt {current.attempts_total + 1} ({budget})",
-            lineage.settle(cand.before, idle, now),
+            machine.settle(cand.before, idle, now),
         )
     window_start = now - timedelta(seconds=rule.window)
     number = current.attempts_total + 1
@@ -264,13 +265,13 @@ def _start(cand: _Candidate, now: datetime, dry_run: bool) -> Decision:
     return Decision(
         DecisionKind.RECOVER,
         reason,
-        lineage.settle(cand.before, recovering, now),
+        machine.settle(cand.before, recovering, now),
         start_attempt=True,
     )
 
 
 def on_attempt_finished(
-    lineage_: Lineage,
+    lineage: Lineage,
     attempt: Attempt,
     now: datetime,
     rule: Rule,
@@ -286,16 +287,16 @@ def on_attempt_finished(
     outcome = attempt.outcome
     match outcome:
         case AttemptOutcome.SUCCEEDED:
-            after = _succeeded(lineage_, attempt, now, rule, progressed)
+            after = _succeeded(lineage, attempt, now, rule, progressed)
         case AttemptOutcome.FAILED:
-            after = _failed(lineage_, attempt, now, rule, rand)
+            after = _failed(lineage, attempt, now, rule, rand)
         case AttemptOutcome.ABANDONED | AttemptOutcome.DRY_RUN:
-            after = _abandoned(lineage_, attempt)
+            after = _abandoned(lineage, attempt)
         case None:
             raise ValueError(f"attempt {attempt.attempt_id} has no outcome yet")
         case _:
             assert_never(outcome)
-    return lineage.settle(lineage_, after, now)
+    return machine.settle(lineage, after, now)
 
 
 def _succeeded(
@@ -307,7 +308,7 @@ def _succeeded(
         budget = "it progressed, so the budget is reset"
     else:
         starts = current.attempt_starts
-        used = lineage.attempts_in_window(starts, now, rule.window)
+        used = machine.attempts_in_window(starts, now, rule.window)
         budget = f"no progress yet: {used}/{rule.max_attempts} attempts still count"
     return replace(
         current,
@@ -324,7 +325,7 @@ def _succeeded(
 
 
 def _failed(current: Lineage, attempt: Attempt, now: datetime, rule: Rule, rand: float) -> Lineage:
-    used = lineage.attempts_in_window(current.attempt_starts, now, rule.window)
+    used = machine.attempts_in_window(current.attempt_starts, now, rule.window)
     why = f"attempt {attempt.number} failed ({_brief(attempt.reason)})"
     if used >= rule.max_attempts:
         reason = (
