@@ -1,0 +1,66 @@
+"""What the stores do when their storage goes away: clear errors, and recovery without restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from store_helpers import FakeClock, make_event, make_lineage, pg_schema
+
+from tinker_recovery.errors import StoreUnavailable
+from tinker_recovery.shell.store.postgres import PostgresStore
+from tinker_recovery.shell.store.sqlite import SqliteStore
+
+
+async def test_sqlite_open_fails_cleanly_when_the_directory_cannot_exist(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    store = SqliteStore(blocker / "state.db", clock=FakeClock())
+    with pytest.raises(StoreUnavailable, match="cannot open sqlite store"):
+        await store.open()
+
+
+async def test_sqlite_use_before_open_is_a_programming_error(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db", clock=FakeClock())
+    with pytest.raises(RuntimeError, match="before open"):
+        await store.get_lineage("x")
+
+
+@pytest.mark.postgres
+async def test_postgres_open_fails_within_its_deadline_when_nobody_listens() -> None:
+    # Port 1 on loopback refuses at once; the pool keeps retrying until its deadline.
+    store = PostgresStore(
+        "postgresql://postgres:secret-pw@127.0.0.1:1/test", clock=FakeClock(), acquire_timeout_s=0.5
+    )
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.open()
+    assert "secret-pw" not in str(caught.value)
+
+
+@pytest.mark.postgres
+async def test_postgres_store_survives_its_connections_being_killed() -> None:
+    with pg_schema() as url:
+        app_name = url.rsplit("search_path%3D", 1)[1]  # the schema name: unique to this test
+        store = PostgresStore(f"{url}&application_name={app_name}", clock=FakeClock())
+        await store.open()
+        try:
+            assert await store.acquire_or_renew("a", 60.0) is not None
+            await store.save_lineage(make_lineage(), make_event())
+            with psycopg.connect(url, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = %s",
+                    (app_name,),
+                ).fetchone()
+            assert killed is not None
+            assert killed[0] >= 1
+            # The pool checks connections on checkout: the next calls reconnect transparently.
+            assert await store.get_lineage("lin-1") == make_lineage()
+            renewed = await store.acquire_or_renew("a", 60.0)
+            assert renewed is not None
+            assert renewed.epoch == 1
+            await store.append_event(make_event(reason="after reconnect"))
+            assert [e.reason for e in await store.events()][-1] == "after reconnect"
+        finally:
+            await store.close()
