@@ -69,17 +69,17 @@ def alert_exprs(path: Path = ALERTS) -> dict[str, str]:
     return exprs
 
 
-def _walk_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def walk_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for panel in panels:
         yield panel
-        yield from _walk_panels(panel.get("panels", []))  # collapsed rows nest their panels
+        yield from walk_panels(panel.get("panels", []))  # collapsed rows nest their panels
 
 
 def dashboard_exprs(path: Path = DASHBOARD) -> dict[str, str]:
     """ "<panel title> / <refId>" (and "$<variable>") -> PromQL expression."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     exprs: dict[str, str] = {}
-    for panel in _walk_panels(doc.get("panels", [])):
+    for panel in walk_panels(doc.get("panels", [])):
         for target in panel.get("targets", []):
             exprs[f"{panel['title']} / {target['refId']}"] = target["expr"]
     for variable in doc.get("templating", {}).get("list", []):
