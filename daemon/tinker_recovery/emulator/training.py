@@ -129,8 +129,8 @@ def load_weights(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("session_id") is None:
             target = emu.run(_str(body, "model_id"))
             return _load_into(emu, target, path, with_optimizer)
-        session = _session(emu, _str(body, "session_id"))
         seq = _int(body, "model_seq_id")
+        session = _session(emu, _str(body, "session_id"))
         model_id = f"{session.session_id}:train:{seq}"
         if model_id in emu.runs:
             return emu.fail(f"model {model_id} already exists", model_id=model_id)
