@@ -63,7 +63,8 @@ class ImageRoot:
             if any(here == w or w in here.parents for w in writable):
                 continue
             for name in [*dirnames, *filenames]:
-                found[str(here / name)] = (here / name).lstat().st_mtime
+                if here / name not in writable:  # their contents may change, by design
+                    found[str(here / name)] = (here / name).lstat().st_mtime
         return found
 
 
