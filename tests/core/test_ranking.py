@@ -8,7 +8,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tinker_recovery.core import ranking
-from tinker_recovery.core.model import CheckpointKind, CheckpointView, RunView, WeightsInfo
+from tinker_recovery.core.model import (
+    TAG_IDEMPOTENCY_KEY,
+    TAG_LINEAGE,
+    Attempt,
+    AttemptStep,
+    CheckpointKind,
+    CheckpointView,
+    Lineage,
+    LineageState,
+    RunView,
+    WeightsInfo,
+)
 from tinker_recovery.core.ranking import RejectionReason
 from tinker_recovery.settings import CheckpointSettings
 
@@ -189,3 +200,113 @@ def test_rejection_reason(
     weights: WeightsInfo, restore_optimizer: bool, expected: RejectionReason | None
 ) -> None:
     assert ranking.rejection_reason(RUN, weights, restore_optimizer=restore_optimizer) == expected
+
+
+# successors --------------------------------------------------------------------------------
+
+KEY = "lin#1-abc"
+ATTEMPT = Attempt(
+    attempt_id=KEY,
+    lineage_id="lin",
+    number=1,
+    corrupted_run_id="run-a",
+    step=AttemptStep.CONFIRMING,
+    started_at=NOW,
+    updated_at=NOW,
+    checkpoint_path="tinker://run-a/weights/030",
+    checkpoint_time=NOW - timedelta(hours=1),
+    handed_off_path="tinker://run-a/weights/030",
+)
+
+
+def listed(run_id: str, metadata: dict[str, str] | None = None, *, active_s: float = 60) -> RunView:
+    return replace(
+        RUN,
+        run_id=run_id,
+        corrupted=False,
+        last_request_time=NOW + timedelta(seconds=active_s),
+        user_metadata=metadata or {},
+    )
+
+
+KEYED = {TAG_LINEAGE: "lin", TAG_IDEMPOTENCY_KEY: KEY}
+
+
+@pytest.mark.parametrize(
+    ("runs", "exclude", "expected"),
+    [
+        pytest.param([listed("s", KEYED)], set(), "s", id="by-idempotency-key"),
+        pytest.param(
+            [listed("busy", {TAG_LINEAGE: "lin"}, active_s=90), listed("k", KEYED, active_s=1)],
+            set(),
+            "k",
+            id="key-beats-lineage-tag",
+        ),
+        pytest.param([listed("t", {TAG_LINEAGE: "lin"})], set(), "t", id="by-lineage-tag"),
+        pytest.param([listed("t", {TAG_LINEAGE: "lin"})], {"t"}, None, id="earlier-run-excluded"),
+        pytest.param(
+            [listed("o", {TAG_LINEAGE: "lin", TAG_IDEMPOTENCY_KEY: "lin#2-zzz"})],
+            set(),
+            None,
+            id="other-attempts-run-is-not-ours",
+        ),
+        pytest.param([listed("x", {TAG_LINEAGE: "other"})], set(), None, id="other-lineage"),
+        pytest.param([listed("u")], set(), None, id="untagged"),
+    ],
+)
+def test_find_successor(runs: list[RunView], exclude: set[str], expected: str | None) -> None:
+    found = ranking.find_successor(ATTEMPT, runs, exclude=exclude)
+    assert (found.run_id if found else None) == expected
+
+
+def test_known_runs_excludes_the_daemons_own_restored_run() -> None:
+    sdk = replace(ATTEMPT, handed_off_path="tinker://restored-1/weights/recovery-1")
+    earlier = replace(ATTEMPT, attempt_id="lin#0-x", corrupted_run_id="root", successor_run_id="b")
+    lineage = Lineage(
+        lineage_id="lin",
+        root_run_id="root",
+        current_run_id="run-a",
+        state=LineageState.RECOVERED,
+        reason="handed off",
+        first_seen_at=NOW,
+        updated_at=NOW,
+    )
+    assert ranking.known_runs(lineage, [earlier, sdk], sdk) == {"root", "run-a", "b", "restored-1"}
+
+
+def newer_checkpoint(seconds_after_handoff: float, path: str = "tinker://s/weights/1") -> RunView:
+    return replace(
+        listed("s", active_s=-10),
+        last_checkpoint=CheckpointView(
+            checkpoint_id="weights/1",
+            kind=CheckpointKind.TRAINING,
+            tinker_path=path,
+            time=NOW + timedelta(seconds=seconds_after_handoff),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("successor", "requested", "checkpointed"),
+    [
+        pytest.param(listed("s", active_s=5), True, False, id="requests-after-handoff"),
+        pytest.param(listed("s", active_s=-5), False, False, id="quiet-since-handoff"),
+        pytest.param(newer_checkpoint(-1800), False, True, id="checkpoint-newer-than-restored"),
+        pytest.param(
+            newer_checkpoint(10, path=ATTEMPT.checkpoint_path or ""),
+            False,
+            False,
+            id="the-restored-checkpoint-itself",
+        ),
+    ],
+)
+def test_judge_progress(successor: RunView, requested: bool, checkpointed: bool) -> None:
+    progress = ranking.judge_progress(ATTEMPT, successor, handed_off_at=NOW)
+    assert (progress.requested, progress.checkpointed) == (requested, checkpointed)
+    assert progress.confirmed is (requested or checkpointed)
+
+
+def test_judge_progress_after_sdk_restore_counts_only_checkpoints_after_the_handoff() -> None:
+    sdk = replace(ATTEMPT, handed_off_path="tinker://restored-1/weights/recovery-1")
+    assert not ranking.judge_progress(sdk, newer_checkpoint(-60), handed_off_at=NOW).checkpointed
+    assert ranking.judge_progress(sdk, newer_checkpoint(60), handed_off_at=NOW).checkpointed

@@ -1,4 +1,5 @@
-"""Checkpoint ranking and validation: which checkpoint an attempt should restore, and why not.
+"""Ranking and judging for an attempt: which checkpoint to restore (and why not), which listed
+run is the attempt's successor, and whether that successor has progressed.
 
 Pure functions only. "now" is an argument; nothing here reads a clock or talks to the API.
 The executor gathers candidates and asks `weights_info`; this module only judges them.
@@ -6,11 +7,21 @@ The executor gathers candidates and asks `weights_info`; this module only judges
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from tinker_recovery.core.model import CheckpointKind, CheckpointView, RunView, WeightsInfo
+from tinker_recovery.core.model import (
+    TAG_IDEMPOTENCY_KEY,
+    TAG_LINEAGE,
+    Attempt,
+    CheckpointKind,
+    CheckpointView,
+    Lineage,
+    RunView,
+    WeightsInfo,
+)
 from tinker_recovery.settings import CheckpointSettings
 
 
@@ -81,3 +92,97 @@ def rejection_reason(
     if restore_optimizer and not info.has_optimizer_state:
         return RejectionReason.OPTIMIZER_STATE_MISSING
     return None
+
+
+# successors -----------------------------------------------------------------------------------
+
+
+def run_id_of(tinker_path: str | None) -> str | None:
+    """`tinker://<run>/weights/000020` -> `<run>`; None for anything else."""
+    if tinker_path is None or not tinker_path.startswith("tinker://"):
+        return None
+    run_id = tinker_path.removeprefix("tinker://").split("/", 1)[0]
+    return run_id or None
+
+
+def known_runs(lineage: Lineage | None, attempts: Iterable[Attempt], current: Attempt) -> set[str]:
+    """Runs of the lineage that existed before `current` and so cannot be its successor."""
+    known = {current.corrupted_run_id}
+    if lineage is not None:
+        known |= {lineage.root_run_id, lineage.current_run_id}
+    for other in attempts:
+        if other.attempt_id == current.attempt_id:
+            continue
+        known.add(other.corrupted_run_id)
+        if other.successor_run_id is not None:
+            known.add(other.successor_run_id)
+    # With `restore: sdk` plus a handoff, the daemon's own restored run carries the attempt's
+    # tags too, but it only holds the fresh checkpoint: the job's run is the successor.
+    restored = run_id_of(current.handed_off_path)
+    if (
+        current.successor_run_id is None
+        and restored is not None
+        and restored != run_id_of(current.checkpoint_path)
+    ):
+        known.add(restored)
+    return known
+
+
+def find_successor(
+    attempt: Attempt, runs: Sequence[RunView], *, exclude: Iterable[str]
+) -> RunView | None:
+    """The run that continues `attempt`'s lineage, if the listing shows one.
+
+    A run carrying the attempt's idempotency key wins. Otherwise a run tagged with the lineage
+    that is not one of the lineage's earlier runs (`exclude`). Ties go to the busiest run.
+    """
+    if attempt.successor_run_id is not None:
+        return next((r for r in runs if r.run_id == attempt.successor_run_id), None)
+    excluded = set(exclude)
+    by_key = [
+        r
+        for r in runs
+        if r.user_metadata.get(TAG_IDEMPOTENCY_KEY) == attempt.attempt_id
+        and r.run_id not in excluded
+    ]
+    by_lineage = [
+        r
+        for r in runs
+        if r.user_metadata.get(TAG_LINEAGE) == attempt.lineage_id
+        and r.run_id not in excluded
+        # A run tagged for a different attempt belongs to that attempt, not to this one.
+        and r.user_metadata.get(TAG_IDEMPOTENCY_KEY) in (None, attempt.attempt_id)
+    ]
+    candidates = by_key or by_lineage
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.last_request_time, r.run_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    requested: bool  # the successor sent requests after the handoff
+    checkpointed: bool  # the successor saved a training checkpoint newer than the restored one
+
+    @property
+    def confirmed(self) -> bool:
+        return self.requested or self.checkpointed
+
+
+def judge_progress(attempt: Attempt, successor: RunView, *, handed_off_at: datetime) -> Progress:
+    """Has the successor moved since the handoff?"""
+    requested = successor.last_request_time > handed_off_at
+    checkpoint = successor.last_checkpoint
+    # With `restore: sdk` the handed-off checkpoint was saved just before the handoff, so "newer"
+    # means newer than the handoff; otherwise newer than the checkpoint the job resumed from.
+    if attempt.handed_off_path == attempt.checkpoint_path and attempt.checkpoint_time is not None:
+        threshold = attempt.checkpoint_time
+    else:
+        threshold = handed_off_at
+    checkpointed = (
+        checkpoint is not None
+        and checkpoint.kind is CheckpointKind.TRAINING
+        and checkpoint.tinker_path not in (attempt.handed_off_path, attempt.checkpoint_path)
+        and checkpoint.time > threshold
+    )
+    return Progress(requested=requested, checkpointed=checkpointed)

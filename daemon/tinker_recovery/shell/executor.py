@@ -40,21 +40,14 @@ from tinker_recovery.shell import failpoints
 from tinker_recovery.shell import reconcile as rec
 from tinker_recovery.shell.clock import Clock
 from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
-from tinker_recovery.shell.store.base import Event, Store
+from tinker_recovery.shell.restore import RestoreResult
+from tinker_recovery.shell.store.base import Store
 
 log = structlog.get_logger(__name__)
 
 _OUR_TAGS = (TAG_LINEAGE, TAG_RECOVERED_FROM, TAG_ATTEMPT, TAG_IDEMPOTENCY_KEY)
 # Earlier runs of a lineage whose checkpoints are listed as fallbacks; bounds per-attempt calls.
 _MAX_EARLIER_RUNS = 8
-
-
-# MIRROR: shell/restore.py is being written in parallel; this follows its agreed contract
-# and becomes an import once that module lands.
-@dataclasses.dataclass(frozen=True, slots=True)
-class RestoreResult:
-    new_run_id: str
-    saved_path: str
 
 
 class Gateway(Protocol):
@@ -177,7 +170,7 @@ class Executor:
             updated_at=now,
         )
         earlier = await self._store.attempts(lineage.lineage_id)
-        exclude = rec.known_runs(lineage, earlier, attempt) | self._ledger.seen_runs
+        exclude = ranking.known_runs(lineage, earlier, attempt) | self._ledger.seen_runs
         tracked = rec.Tracked(attempt=attempt, rule=rule, exclude=exclude)
         self._ledger.tracked[lineage.lineage_id] = tracked
         try:
@@ -314,12 +307,14 @@ class Executor:
                     AttemptOutcome.FAILED, f"weights_info unavailable: {exc}"
                 ) from exc
             except RemoteRejected as exc:
-                await self._reject(tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc)
+                await self._ledger.reject(
+                    tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc
+                )
                 continue
             reason = ranking.rejection_reason(run, info, restore_optimizer=cfg.restore_optimizer)
             if reason is None:
                 return checkpoint
-            await self._reject(tracked, checkpoint, reason, None)
+            await self._ledger.reject(tracked, checkpoint, reason, None)
         raise AttemptFinished(
             AttemptOutcome.FAILED,
             f"no usable checkpoint ({len(candidates)} found, {len(ranked)} eligible)",
@@ -352,36 +347,6 @@ class Executor:
                     AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
                 ) from exc
         return found
-
-    async def _reject(
-        self,
-        tracked: rec.Tracked,
-        checkpoint: CheckpointView,
-        reason: ranking.RejectionReason,
-        exc: Exception | None,
-    ) -> None:
-        detail = f"{reason.value}: {exc}" if exc is not None else reason.value
-        now = self._clock.now()
-        await self._store.mark_checkpoint_bad(checkpoint.tinker_path, detail, now)
-        await self._store.append_event(
-            Event(
-                at=now,
-                kind="checkpoint_rejected",
-                reason=detail,
-                lineage_id=tracked.attempt.lineage_id,
-                attempt_id=tracked.attempt.attempt_id,
-                data={"checkpoint_path": checkpoint.tinker_path, "rejection": reason.value},
-            )
-        )
-        self._metrics.checkpoints_rejected.labels(reason=reason.value).inc()
-        log.warning(
-            "checkpoint_rejected",
-            lineage_id=tracked.attempt.lineage_id,
-            attempt_id=tracked.attempt.attempt_id,
-            step=tracked.attempt.step.value,
-            checkpoint_path=checkpoint.tinker_path,
-            reason=detail,
-        )
 
     async def _protect(self, tracked: rec.Tracked, tinker_path: str, ttl_s: int) -> None:
         try:

@@ -3,27 +3,25 @@
 The executor (shell/executor.py) runs an attempt's steps; this module owns what outlives a step:
 the rows and events it writes, the confirmation of a handed-off attempt against each listing, the
 finish (outcome, lineage via the policy, metrics), and start-up reconciliation, which never hands
-off again. The successor helpers at the top read only their arguments.
+off again. Which run is the successor, and whether it progressed, is judged in core/ranking.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
-from tinker_recovery.core import policy
+from tinker_recovery.core import policy, ranking
 from tinker_recovery.core.model import (
-    TAG_IDEMPOTENCY_KEY,
-    TAG_LINEAGE,
     Attempt,
     AttemptOutcome,
     AttemptStep,
-    CheckpointKind,
+    CheckpointView,
     Lineage,
     LineageState,
     RunView,
@@ -47,97 +45,6 @@ BEFORE_HANDOFF = frozenset(
 )
 
 EVENT_STEP = "attempt_step"
-
-
-def run_id_of(tinker_path: str | None) -> str | None:
-    """`tinker://<run>/weights/000020` -> `<run>`; None for anything else."""
-    if tinker_path is None or not tinker_path.startswith("tinker://"):
-        return None
-    run_id = tinker_path.removeprefix("tinker://").split("/", 1)[0]
-    return run_id or None
-
-
-def known_runs(lineage: Lineage | None, attempts: Iterable[Attempt], current: Attempt) -> set[str]:
-    """Runs of the lineage that existed before `current` and so cannot be its successor."""
-    known = {current.corrupted_run_id}
-    if lineage is not None:
-        known |= {lineage.root_run_id, lineage.current_run_id}
-    for other in attempts:
-        if other.attempt_id == current.attempt_id:
-            continue
-        known.add(other.corrupted_run_id)
-        if other.successor_run_id is not None:
-            known.add(other.successor_run_id)
-    # With `restore: sdk` plus a handoff, the daemon's own restored run carries the attempt's
-    # tags too, but it only holds the fresh checkpoint: the job's run is the successor.
-    restored = run_id_of(current.handed_off_path)
-    if (
-        current.successor_run_id is None
-        and restored is not None
-        and restored != run_id_of(current.checkpoint_path)
-    ):
-        known.add(restored)
-    return known
-
-
-def find_successor(
-    attempt: Attempt, runs: Sequence[RunView], *, exclude: Iterable[str]
-) -> RunView | None:
-    """The run that continues `attempt`'s lineage, if the listing shows one.
-
-    A run carrying the attempt's idempotency key wins. Otherwise a run tagged with the lineage
-    that is not one of the lineage's earlier runs (`exclude`). Ties go to the busiest run.
-    """
-    if attempt.successor_run_id is not None:
-        return next((r for r in runs if r.run_id == attempt.successor_run_id), None)
-    excluded = set(exclude)
-    by_key = [
-        r
-        for r in runs
-        if r.user_metadata.get(TAG_IDEMPOTENCY_KEY) == attempt.attempt_id
-        and r.run_id not in excluded
-    ]
-    by_lineage = [
-        r
-        for r in runs
-        if r.user_metadata.get(TAG_LINEAGE) == attempt.lineage_id
-        and r.run_id not in excluded
-        # A run tagged for a different attempt belongs to that attempt, not to this one.
-        and r.user_metadata.get(TAG_IDEMPOTENCY_KEY) in (None, attempt.attempt_id)
-    ]
-    candidates = by_key or by_lineage
-    if not candidates:
-        return None
-    return max(candidates, key=lambda r: (r.last_request_time, r.run_id))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Progress:
-    requested: bool  # the successor sent requests after the handoff
-    checkpointed: bool  # the successor saved a training checkpoint newer than the restored one
-
-    @property
-    def confirmed(self) -> bool:
-        return self.requested or self.checkpointed
-
-
-def judge_progress(attempt: Attempt, successor: RunView, *, handed_off_at: datetime) -> Progress:
-    """Has the successor moved since the handoff?"""
-    requested = successor.last_request_time > handed_off_at
-    checkpoint = successor.last_checkpoint
-    # With `restore: sdk` the handed-off checkpoint was saved just before the handoff, so "newer"
-    # means newer than the handoff; otherwise newer than the checkpoint the job resumed from.
-    if attempt.handed_off_path == attempt.checkpoint_path and attempt.checkpoint_time is not None:
-        threshold = attempt.checkpoint_time
-    else:
-        threshold = handed_off_at
-    checkpointed = (
-        checkpoint is not None
-        and checkpoint.kind is CheckpointKind.TRAINING
-        and checkpoint.tinker_path not in (attempt.handed_off_path, attempt.checkpoint_path)
-        and checkpoint.time > threshold
-    )
-    return Progress(requested=requested, checkpointed=checkpointed)
 
 
 def handed_off_at(attempt: Attempt, events: Sequence[Event]) -> datetime:
@@ -313,6 +220,37 @@ class Ledger:
             lost_s = (lineage.corrupted_since - attempt.checkpoint_time).total_seconds()
             self._metrics.work_lost.observe(max(lost_s, 0.0))
 
+    async def reject(
+        self,
+        tracked: Tracked,
+        checkpoint: CheckpointView,
+        reason: ranking.RejectionReason,
+        exc: Exception | None,
+    ) -> None:
+        """Mark a checkpoint that failed validation bad, so no later attempt tries it again."""
+        detail = f"{reason.value}: {exc}" if exc is not None else reason.value
+        now = self._clock.now()
+        await self._store.mark_checkpoint_bad(checkpoint.tinker_path, detail, now)
+        await self._store.append_event(
+            Event(
+                at=now,
+                kind="checkpoint_rejected",
+                reason=detail,
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                data={"checkpoint_path": checkpoint.tinker_path, "rejection": reason.value},
+            )
+        )
+        self._metrics.checkpoints_rejected.labels(reason=reason.value).inc()
+        log.warning(
+            "checkpoint_rejected",
+            lineage_id=tracked.attempt.lineage_id,
+            attempt_id=tracked.attempt.attempt_id,
+            step=tracked.attempt.step.value,
+            checkpoint_path=checkpoint.tinker_path,
+            reason=detail,
+        )
+
     # confirmation ------------------------------------------------------------------------------
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
@@ -328,7 +266,7 @@ class Ledger:
     async def _confirm(self, tracked: Tracked, runs: Sequence[RunView], now: datetime) -> None:
         if tracked.handed_off_at is None:
             tracked.handed_off_at = tracked.attempt.updated_at
-        successor = find_successor(tracked.attempt, runs, exclude=tracked.exclude)
+        successor = ranking.find_successor(tracked.attempt, runs, exclude=tracked.exclude)
         if successor is not None and tracked.attempt.successor_run_id is None:
             await self.record(
                 tracked,
@@ -338,7 +276,7 @@ class Ledger:
                 successor_run_id=successor.run_id,
             )
         if successor is not None:
-            progress = judge_progress(
+            progress = ranking.judge_progress(
                 tracked.attempt, successor, handed_off_at=tracked.handed_off_at
             )
             if progress.confirmed:
@@ -371,15 +309,20 @@ class Ledger:
     async def reconcile(self, runs: Sequence[RunView] | None) -> None:
         """Settle attempts a previous process left unfinished. Never hands off."""
         now = self._clock.now()
+        # After a lost lease another replica may have moved these on: the store is the truth.
+        # Running steps stay (a fenced-out one fails on its next write and cleans up itself).
+        for lineage_id, stale in list(self.tracked.items()):
+            if stale.task is None:
+                del self.tracked[lineage_id]
         for attempt in await self._store.unfinished_attempts():
             if attempt.lineage_id in self.tracked:
-                continue  # ours already (a second takeover in the same process)
+                continue  # a step of ours is still running it
             lineage = await self._store.get_lineage(attempt.lineage_id)
             others = await self._store.attempts(attempt.lineage_id)
             tracked = Tracked(
                 attempt=attempt,
                 rule=self.rule_for(lineage),
-                exclude=known_runs(lineage, others, attempt),
+                exclude=ranking.known_runs(lineage, others, attempt),
             )
             self.tracked[attempt.lineage_id] = tracked
             if attempt.step in BEFORE_HANDOFF:
@@ -399,7 +342,7 @@ class Ledger:
         attempt = tracked.attempt
         events = await self._store.events(lineage_id=attempt.lineage_id, limit=1000)
         tracked.handed_off_at = handed_off_at(attempt, events)
-        successor = find_successor(attempt, runs or (), exclude=tracked.exclude)
+        successor = ranking.find_successor(attempt, runs or (), exclude=tracked.exclude)
         found: str | None
         if successor is not None:
             reason = f"resumed after restart; successor {successor.run_id} found"

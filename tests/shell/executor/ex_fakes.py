@@ -31,6 +31,7 @@ from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import CheckpointSettings, Rule
 from tinker_recovery.shell import executor as ex
 from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
+from tinker_recovery.shell.restore import RestoreResult
 from tinker_recovery.shell.store.base import Event
 from tinker_recovery.shell.store.sqlite import SqliteStore
 
@@ -224,7 +225,7 @@ class FakeRestorer:
         with_optimizer: bool,
         user_metadata: Mapping[str, str],
         save_name: str,
-    ) -> ex.RestoreResult:
+    ) -> RestoreResult:
         self.switch.tick("restore")
         self.calls.append(
             {
@@ -240,9 +241,7 @@ class FakeRestorer:
         # The daemon's own training client: it saved once and then went quiet.
         self.fleet.add_run(run_id, user_metadata, active=False)
         self.switch.tick("restore_returned")
-        return ex.RestoreResult(
-            new_run_id=run_id, saved_path=f"tinker://{run_id}/weights/{save_name}"
-        )
+        return RestoreResult(new_run_id=run_id, saved_path=f"tinker://{run_id}/weights/{save_name}")
 
 
 class FakeHandoff:
