@@ -102,3 +102,10 @@ def load(path: Path = DOCKERFILE) -> ImageSpec:
         runs=tuple(fields.get("RUN", [])),
         copies=tuple(_copy(v) for v in fields.get("COPY", [])),
     )
+
+
+def context_sources(path: Path = DOCKERFILE) -> list[str]:
+    """Every path any stage copies from the build context (not from another stage)."""
+    parser = DockerfileParser(path=str(path))
+    copies = [_copy(i["value"]) for i in parser.structure if i["instruction"] in ("COPY", "ADD")]
+    return [source for c in copies if c.from_stage is None for source in c.sources]

@@ -139,6 +139,12 @@ def test_image_facts() -> None:
     assert (REPO / config_copy.sources[0]).is_file()
 
 
+def test_everything_the_build_copies_exists() -> None:
+    # `docker build` fails on a missing COPY source; nothing else would notice here.
+    missing = [s for s in image_spec.context_sources() if not (REPO / s).exists()]
+    assert not missing
+
+
 def test_healthcheck_uses_python_on_healthz() -> None:
     argv = SPEC.healthcheck
     assert argv[:2] == ("python", "-c")
@@ -187,10 +193,9 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_sends_what_the_build_copies_and_nothing_heavy() -> None:
     lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
     patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-    build_sources = ["pyproject.toml", "README.md", "daemon/tinker_recovery/__init__.py"]
-    runtime_sources = [s for c in SPEC.copies if c.from_stage is None for s in c.sources]
-    for source in [*build_sources, *runtime_sources]:
+    for source in image_spec.context_sources():
         assert not _ignored(source, patterns), source
+    assert not _ignored("daemon/tinker_recovery/__init__.py", patterns)
     for heavy in [".venv/bin/python", ".git/HEAD", ".tools/bin/promtool", "tests/conftest.py"]:
         assert _ignored(heavy, patterns), heavy
 
