@@ -32,6 +32,7 @@ from tinker_recovery.errors import StoreUnavailable
 from tinker_recovery.shell.clock import Clock
 
 from . import codec
+from . import statements as q
 from .base import Event, Lease, ManualRequest
 from .support import FenceState, load_migrations
 
@@ -70,6 +71,20 @@ SELECT 1 FROM lease
 WHERE id = 1 AND holder = %s AND epoch = %s AND expires_at > now()
 FOR SHARE
 """
+
+
+_UPSERT_LINEAGE = q.for_postgres(q.UPSERT_LINEAGE)
+_GET_LINEAGE = q.for_postgres(q.GET_LINEAGE)
+_LINEAGE_FOR_RUN = q.for_postgres(q.LINEAGE_FOR_RUN)
+_UPSERT_ATTEMPT = q.for_postgres(q.UPSERT_ATTEMPT)
+_GET_ATTEMPT = q.for_postgres(q.GET_ATTEMPT)
+_ATTEMPTS_OF_LINEAGE = q.for_postgres(q.ATTEMPTS_OF_LINEAGE)
+_UPSERT_BAD_CHECKPOINT = q.for_postgres(q.UPSERT_BAD_CHECKPOINT)
+_INSERT_EVENT = q.for_postgres(q.INSERT_EVENT)
+_UPSERT_HOLD = q.for_postgres(q.UPSERT_HOLD)
+_DELETE_HOLD = q.for_postgres(q.DELETE_HOLD)
+_INSERT_MANUAL_REQUEST = q.for_postgres(q.INSERT_MANUAL_REQUEST)
+_TAKE_MANUAL_REQUESTS = q.for_postgres(q.TAKE_MANUAL_REQUESTS)
 
 
 def connection_kwargs(url: str) -> dict[str, Any]:
@@ -249,46 +264,19 @@ class PostgresStore:
 
     # lineages -------------------------------------------------------------------------------
     async def save_lineage(self, lineage: Lineage, event: Event) -> None:
-        async with self._tx(fenced=True) as conn:
-            await conn.execute(
-                "INSERT INTO lineages (lineage_id, root_run_id, current_run_id, state,"
-                " first_seen_at, updated_at, data) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (lineage_id) DO UPDATE SET root_run_id = EXCLUDED.root_run_id,"
-                " current_run_id = EXCLUDED.current_run_id, state = EXCLUDED.state,"
-                " first_seen_at = EXCLUDED.first_seen_at, updated_at = EXCLUDED.updated_at,"
-                " data = EXCLUDED.data",
-                (
-                    lineage.lineage_id,
-                    lineage.root_run_id,
-                    lineage.current_run_id,
-                    lineage.state.value,
-                    _ts(lineage.first_seen_at),
-                    _ts(lineage.updated_at),
-                    codec.lineage_to_json(lineage),
-                ),
-            )
-            await _insert_event(conn, event)
+        await self._write(_UPSERT_LINEAGE, q.lineage_params(lineage, _ts), event=event)
 
     async def get_lineage(self, lineage_id: str) -> Lineage | None:
-        rows = await self._fetch("SELECT data FROM lineages WHERE lineage_id = %s", (lineage_id,))
+        rows = await self._fetch(_GET_LINEAGE, {"lineage_id": lineage_id})
         return codec.lineage_from_json(rows[0][0]) if rows else None
 
     async def lineage_for_run(self, run_id: str) -> Lineage | None:
-        # A UNION of single-column lookups so each branch uses its own index.
-        rows = await self._fetch(
-            "SELECT data FROM lineages WHERE lineage_id IN ("
-            " SELECT lineage_id FROM lineages WHERE root_run_id = %(r)s"
-            " UNION SELECT lineage_id FROM lineages WHERE current_run_id = %(r)s"
-            " UNION SELECT lineage_id FROM attempts WHERE corrupted_run_id = %(r)s"
-            " UNION SELECT lineage_id FROM attempts WHERE successor_run_id = %(r)s)"
-            " ORDER BY updated_at DESC, lineage_id LIMIT 1",
-            {"r": run_id},
-        )
+        rows = await self._fetch(_LINEAGE_FOR_RUN, {"run_id": run_id})
         return codec.lineage_from_json(rows[0][0]) if rows else None
 
     async def list_lineages(self, states: Sequence[LineageState] | None = None) -> list[Lineage]:
         if states is None:
-            rows = await self._fetch("SELECT data FROM lineages ORDER BY first_seen_at, lineage_id")
+            rows = await self._fetch(q.ALL_LINEAGES)
         else:
             rows = await self._fetch(
                 "SELECT data FROM lineages WHERE state = ANY(%s)"
@@ -299,54 +287,24 @@ class PostgresStore:
 
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
-        async with self._tx(fenced=True) as conn:
-            await conn.execute(
-                "INSERT INTO attempts (attempt_id, lineage_id, number, corrupted_run_id,"
-                " successor_run_id, outcome, started_at, data)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (attempt_id) DO UPDATE SET lineage_id = EXCLUDED.lineage_id,"
-                " number = EXCLUDED.number, corrupted_run_id = EXCLUDED.corrupted_run_id,"
-                " successor_run_id = EXCLUDED.successor_run_id, outcome = EXCLUDED.outcome,"
-                " started_at = EXCLUDED.started_at, data = EXCLUDED.data",
-                (
-                    attempt.attempt_id,
-                    attempt.lineage_id,
-                    attempt.number,
-                    attempt.corrupted_run_id,
-                    attempt.successor_run_id,
-                    None if attempt.outcome is None else attempt.outcome.value,
-                    _ts(attempt.started_at),
-                    codec.attempt_to_json(attempt),
-                ),
-            )
-            await _insert_event(conn, event)
+        await self._write(_UPSERT_ATTEMPT, q.attempt_params(attempt, _ts), event=event)
 
     async def get_attempt(self, attempt_id: str) -> Attempt | None:
-        rows = await self._fetch("SELECT data FROM attempts WHERE attempt_id = %s", (attempt_id,))
+        rows = await self._fetch(_GET_ATTEMPT, {"attempt_id": attempt_id})
         return codec.attempt_from_json(rows[0][0]) if rows else None
 
     async def attempts(self, lineage_id: str) -> list[Attempt]:
-        rows = await self._fetch(
-            "SELECT data FROM attempts WHERE lineage_id = %s ORDER BY number, started_at",
-            (lineage_id,),
-        )
+        rows = await self._fetch(_ATTEMPTS_OF_LINEAGE, {"lineage_id": lineage_id})
         return [codec.attempt_from_json(r[0]) for r in rows]
 
     async def unfinished_attempts(self) -> list[Attempt]:
-        rows = await self._fetch(
-            "SELECT data FROM attempts WHERE outcome IS NULL ORDER BY started_at, attempt_id"
-        )
+        rows = await self._fetch(q.UNFINISHED_ATTEMPTS)
         return [codec.attempt_from_json(r[0]) for r in rows]
 
     # checkpoints ----------------------------------------------------------------------------
     async def mark_checkpoint_bad(self, tinker_path: str, reason: str, at: datetime) -> None:
-        async with self._tx(fenced=True) as conn:
-            await conn.execute(
-                "INSERT INTO bad_checkpoints (tinker_path, reason, at) VALUES (%s, %s, %s)"
-                " ON CONFLICT (tinker_path) DO UPDATE SET reason = EXCLUDED.reason,"
-                " at = EXCLUDED.at",
-                (tinker_path, reason, _ts(at)),
-            )
+        params = {"tinker_path": tinker_path, "reason": reason, "at": _ts(at)}
+        await self._write(_UPSERT_BAD_CHECKPOINT, params)
 
     async def bad_checkpoints(self, tinker_paths: Sequence[str]) -> set[str]:
         if not tinker_paths:
@@ -359,105 +317,60 @@ class PostgresStore:
 
     # events ---------------------------------------------------------------------------------
     async def append_event(self, event: Event) -> None:
-        async with self._tx(fenced=True) as conn:
-            await _insert_event(conn, event)
+        await self._write(None, {}, event=event)
 
     async def events(
         self, *, lineage_id: str | None = None, run_id: str | None = None, limit: int = 100
     ) -> list[Event]:
-        # Built per call rather than `(%s IS NULL OR col = %s)`, so the planner can use an index.
-        filters: list[sql.Composable] = []
-        params: list[Any] = []
-        for column, value in (("lineage_id", lineage_id), ("run_id", run_id)):
-            if value is not None:
-                filters.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-                params.append(value)
-        where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(filters) if filters else sql.SQL("")
-        query = sql.SQL(
-            "SELECT seq, at, kind, reason, lineage_id, attempt_id, run_id, data FROM events"
-            "{} ORDER BY seq DESC LIMIT %s"
-        ).format(where)
-        rows = await self._fetch(query, (*params, max(limit, 0)))
-        return [
-            Event(
-                seq=int(r[0]),
-                at=_utc(r[1]),
-                kind=r[2],
-                reason=r[3],
-                lineage_id=r[4],
-                attempt_id=r[5],
-                run_id=r[6],
-                data=codec.event_data_from_json(r[7]),
-            )
-            for r in reversed(rows)
-        ]
+        query = q.for_postgres(q.select_events(lineage_id=lineage_id, run_id=run_id))
+        params = {"lineage_id": lineage_id, "run_id": run_id, "limit": max(limit, 0)}
+        return q.events_from_rows(await self._fetch(query, params), _utc)
 
     # operator -------------------------------------------------------------------------------
     async def set_hold(self, lineage_id: str | None, held: bool, by: str, at: datetime) -> None:
-        scope = lineage_id or ""
-        async with self._tx() as conn:
-            if held:
-                await conn.execute(
-                    "INSERT INTO holds (scope, held_by, at) VALUES (%s, %s, %s)"
-                    " ON CONFLICT (scope) DO UPDATE SET held_by = EXCLUDED.held_by,"
-                    " at = EXCLUDED.at",
-                    (scope, by, _ts(at)),
-                )
-            else:
-                await conn.execute("DELETE FROM holds WHERE scope = %s", (scope,))
+        params = {"scope": lineage_id or "", "held_by": by, "at": _ts(at)}
+        await self._write(_UPSERT_HOLD if held else _DELETE_HOLD, params, fenced=False)
 
     async def holds(self) -> set[str | None]:
-        rows = await self._fetch("SELECT scope FROM holds")
+        rows = await self._fetch(q.ALL_HOLDS)
         return {r[0] or None for r in rows}
 
     async def request_recovery(
         self, run_id: str, checkpoint_path: str | None, by: str, at: datetime
     ) -> int:
-        async with self._tx() as conn:
-            cur = await conn.execute(
-                "INSERT INTO manual_requests (run_id, checkpoint_path, requested_at,"
-                " requested_by) VALUES (%s, %s, %s, %s) RETURNING request_id",
-                (run_id, checkpoint_path, _ts(at), by),
-            )
-            row = await cur.fetchone()
-        assert row is not None  # INSERT ... RETURNING always returns the new row
-        return int(row[0])
+        params = {
+            "run_id": run_id,
+            "checkpoint_path": checkpoint_path,
+            "requested_at": _ts(at),
+            "requested_by": by,
+        }
+        rows = await self._write(_INSERT_MANUAL_REQUEST, params, fenced=False)
+        return int(rows[0][0])
 
     async def take_manual_requests(self) -> list[ManualRequest]:
-        async with self._tx(fenced=True) as conn:
-            cur = await conn.execute(
-                "UPDATE manual_requests SET taken_at = %s, taken_by = %s WHERE taken_at IS NULL"
-                " RETURNING request_id, run_id, checkpoint_path, requested_at, requested_by",
-                (self._clock.now(), self._fence.holder or ""),
-            )
-            rows = await cur.fetchall()
-        requests = [
-            ManualRequest(
-                request_id=int(r[0]),
-                run_id=r[1],
-                checkpoint_path=r[2],
-                requested_at=_utc(r[3]),
-                requested_by=r[4],
-            )
-            for r in rows
-        ]
-        return sorted(requests, key=lambda m: m.request_id)
+        params = {"taken_at": _ts(self._clock.now()), "taken_by": self._fence.holder}
+        rows = await self._write(_TAKE_MANUAL_REQUESTS, params)
+        return q.manual_requests_from_rows(rows, _utc)
 
-
-async def _insert_event(conn: Conn, event: Event) -> None:
-    await conn.execute(
-        "INSERT INTO events (at, kind, reason, lineage_id, attempt_id, run_id, data)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (
-            _ts(event.at),
-            event.kind,
-            event.reason,
-            event.lineage_id,
-            event.attempt_id,
-            event.run_id,
-            codec.event_data_to_json(event),
-        ),
-    )
+    # helpers --------------------------------------------------------------------------------
+    async def _write(
+        self,
+        query: str | None,
+        params: dict[str, Any],
+        *,
+        event: Event | None = None,
+        fenced: bool = True,
+    ) -> list[tuple[Any, ...]]:
+        """One transaction: the fence check (if asked), the statement, then the event."""
+        rows: list[tuple[Any, ...]] = []
+        async with self._tx(fenced=fenced) as conn:
+            if query is not None:
+                cur = await conn.execute(query, params)
+                if cur.description is not None:
+                    rows = await cur.fetchall()
+            if event is not None:
+                await conn.execute(_INSERT_EVENT, q.event_params(event, _ts))
+        return rows
 
 
 def _ts(value: datetime) -> datetime:

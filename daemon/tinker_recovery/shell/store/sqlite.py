@@ -28,6 +28,7 @@ from tinker_recovery.errors import StoreUnavailable
 from tinker_recovery.shell.clock import Clock
 
 from . import codec
+from . import statements as q
 from .base import Event, Lease, ManualRequest
 from .support import FenceState, load_migrations
 
@@ -232,51 +233,20 @@ class SqliteStore:
 
     # lineages -------------------------------------------------------------------------------
     async def save_lineage(self, lineage: Lineage, event: Event) -> None:
-        def save(conn: sqlite3.Connection) -> None:
-            with self._tx(conn, fenced=True):
-                conn.execute(
-                    "INSERT INTO lineages (lineage_id, root_run_id, current_run_id, state,"
-                    " first_seen_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (lineage_id) DO UPDATE SET root_run_id = excluded.root_run_id,"
-                    " current_run_id = excluded.current_run_id, state = excluded.state,"
-                    " first_seen_at = excluded.first_seen_at, updated_at = excluded.updated_at,"
-                    " data = excluded.data",
-                    (
-                        lineage.lineage_id,
-                        lineage.root_run_id,
-                        lineage.current_run_id,
-                        lineage.state.value,
-                        codec.dump_time(lineage.first_seen_at),
-                        codec.dump_time(lineage.updated_at),
-                        codec.lineage_to_json(lineage),
-                    ),
-                )
-                self._insert_event(conn, event)
-
-        await self._run(save)
+        params = q.lineage_params(lineage, codec.dump_time)
+        await self._write(q.UPSERT_LINEAGE, params, event=event)
 
     async def get_lineage(self, lineage_id: str) -> Lineage | None:
-        rows = await self._select("SELECT data FROM lineages WHERE lineage_id = ?", (lineage_id,))
+        rows = await self._select(q.GET_LINEAGE, {"lineage_id": lineage_id})
         return codec.lineage_from_json(rows[0][0]) if rows else None
 
     async def lineage_for_run(self, run_id: str) -> Lineage | None:
-        # A UNION of single-column lookups so each branch uses its own index.
-        rows = await self._select(
-            "SELECT data FROM lineages WHERE lineage_id IN ("
-            " SELECT lineage_id FROM lineages WHERE root_run_id = :r"
-            " UNION SELECT lineage_id FROM lineages WHERE current_run_id = :r"
-            " UNION SELECT lineage_id FROM attempts WHERE corrupted_run_id = :r"
-            " UNION SELECT lineage_id FROM attempts WHERE successor_run_id = :r)"
-            " ORDER BY updated_at DESC, lineage_id LIMIT 1",
-            {"r": run_id},
-        )
+        rows = await self._select(q.LINEAGE_FOR_RUN, {"run_id": run_id})
         return codec.lineage_from_json(rows[0][0]) if rows else None
 
     async def list_lineages(self, states: Sequence[LineageState] | None = None) -> list[Lineage]:
         if states is None:
-            rows = await self._select(
-                "SELECT data FROM lineages ORDER BY first_seen_at, lineage_id", ()
-            )
+            rows = await self._select(q.ALL_LINEAGES, {})
         else:
             marks = ",".join("?" * len(states))
             rows = await self._select(
@@ -288,59 +258,25 @@ class SqliteStore:
 
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
-        def save(conn: sqlite3.Connection) -> None:
-            with self._tx(conn, fenced=True):
-                conn.execute(
-                    "INSERT INTO attempts (attempt_id, lineage_id, number, corrupted_run_id,"
-                    " successor_run_id, outcome, started_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (attempt_id) DO UPDATE SET lineage_id = excluded.lineage_id,"
-                    " number = excluded.number, corrupted_run_id = excluded.corrupted_run_id,"
-                    " successor_run_id = excluded.successor_run_id, outcome = excluded.outcome,"
-                    " started_at = excluded.started_at, data = excluded.data",
-                    (
-                        attempt.attempt_id,
-                        attempt.lineage_id,
-                        attempt.number,
-                        attempt.corrupted_run_id,
-                        attempt.successor_run_id,
-                        None if attempt.outcome is None else attempt.outcome.value,
-                        codec.dump_time(attempt.started_at),
-                        codec.attempt_to_json(attempt),
-                    ),
-                )
-                self._insert_event(conn, event)
-
-        await self._run(save)
+        params = q.attempt_params(attempt, codec.dump_time)
+        await self._write(q.UPSERT_ATTEMPT, params, event=event)
 
     async def get_attempt(self, attempt_id: str) -> Attempt | None:
-        rows = await self._select("SELECT data FROM attempts WHERE attempt_id = ?", (attempt_id,))
+        rows = await self._select(q.GET_ATTEMPT, {"attempt_id": attempt_id})
         return codec.attempt_from_json(rows[0][0]) if rows else None
 
     async def attempts(self, lineage_id: str) -> list[Attempt]:
-        rows = await self._select(
-            "SELECT data FROM attempts WHERE lineage_id = ? ORDER BY number, started_at",
-            (lineage_id,),
-        )
+        rows = await self._select(q.ATTEMPTS_OF_LINEAGE, {"lineage_id": lineage_id})
         return [codec.attempt_from_json(r[0]) for r in rows]
 
     async def unfinished_attempts(self) -> list[Attempt]:
-        rows = await self._select(
-            "SELECT data FROM attempts WHERE outcome IS NULL ORDER BY started_at, attempt_id", ()
-        )
+        rows = await self._select(q.UNFINISHED_ATTEMPTS, {})
         return [codec.attempt_from_json(r[0]) for r in rows]
 
     # checkpoints ----------------------------------------------------------------------------
     async def mark_checkpoint_bad(self, tinker_path: str, reason: str, at: datetime) -> None:
-        def mark(conn: sqlite3.Connection) -> None:
-            with self._tx(conn, fenced=True):
-                conn.execute(
-                    "INSERT INTO bad_checkpoints (tinker_path, reason, at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (tinker_path) DO UPDATE SET reason = excluded.reason,"
-                    " at = excluded.at",
-                    (tinker_path, reason, codec.dump_time(at)),
-                )
-
-        await self._run(mark)
+        params = {"tinker_path": tinker_path, "reason": reason, "at": codec.dump_time(at)}
+        await self._write(q.UPSERT_BAD_CHECKPOINT, params)
 
     async def bad_checkpoints(self, tinker_paths: Sequence[str]) -> set[str]:
         paths = list(dict.fromkeys(tinker_paths))
@@ -358,112 +294,65 @@ class SqliteStore:
 
     # events ---------------------------------------------------------------------------------
     async def append_event(self, event: Event) -> None:
-        def append(conn: sqlite3.Connection) -> None:
-            with self._tx(conn, fenced=True):
-                self._insert_event(conn, event)
-
-        await self._run(append)
-
-    @staticmethod
-    def _insert_event(conn: sqlite3.Connection, event: Event) -> None:
-        conn.execute(
-            "INSERT INTO events (at, kind, reason, lineage_id, attempt_id, run_id, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                codec.dump_time(event.at),
-                event.kind,
-                event.reason,
-                event.lineage_id,
-                event.attempt_id,
-                event.run_id,
-                codec.event_data_to_json(event),
-            ),
-        )
+        await self._write(None, {}, event=event)
 
     async def events(
         self, *, lineage_id: str | None = None, run_id: str | None = None, limit: int = 100
     ) -> list[Event]:
-        rows = await self._select(
-            "SELECT seq, at, kind, reason, lineage_id, attempt_id, run_id, data FROM events"
-            " WHERE (:l IS NULL OR lineage_id = :l) AND (:r IS NULL OR run_id = :r)"
-            " ORDER BY seq DESC LIMIT :n",
-            {"l": lineage_id, "r": run_id, "n": max(limit, 0)},
-        )
-        return [
-            Event(
-                seq=r[0],
-                at=codec.load_time(r[1]),
-                kind=r[2],
-                reason=r[3],
-                lineage_id=r[4],
-                attempt_id=r[5],
-                run_id=r[6],
-                data=codec.event_data_from_json(r[7]),
-            )
-            for r in reversed(rows)
-        ]
+        sql = q.select_events(lineage_id=lineage_id, run_id=run_id)
+        params = {"lineage_id": lineage_id, "run_id": run_id, "limit": max(limit, 0)}
+        return q.events_from_rows(await self._select(sql, params), codec.load_time)
 
     # operator -------------------------------------------------------------------------------
     async def set_hold(self, lineage_id: str | None, held: bool, by: str, at: datetime) -> None:
-        scope = lineage_id or ""
-
-        def hold(conn: sqlite3.Connection) -> None:
-            with self._tx(conn):
-                if held:
-                    conn.execute(
-                        "INSERT INTO holds (scope, held_by, at) VALUES (?, ?, ?)"
-                        " ON CONFLICT (scope) DO UPDATE SET held_by = excluded.held_by,"
-                        " at = excluded.at",
-                        (scope, by, codec.dump_time(at)),
-                    )
-                else:
-                    conn.execute("DELETE FROM holds WHERE scope = ?", (scope,))
-
-        await self._run(hold)
+        params = {"scope": lineage_id or "", "held_by": by, "at": codec.dump_time(at)}
+        await self._write(q.UPSERT_HOLD if held else q.DELETE_HOLD, params, fenced=False)
 
     async def holds(self) -> set[str | None]:
-        rows = await self._select("SELECT scope FROM holds", ())
+        rows = await self._select(q.ALL_HOLDS, {})
         return {r[0] or None for r in rows}
 
     async def request_recovery(
         self, run_id: str, checkpoint_path: str | None, by: str, at: datetime
     ) -> int:
-        def insert(conn: sqlite3.Connection) -> int:
-            with self._tx(conn):
-                cur = conn.execute(
-                    "INSERT INTO manual_requests (run_id, checkpoint_path, requested_at,"
-                    " requested_by) VALUES (?, ?, ?, ?)",
-                    (run_id, checkpoint_path, codec.dump_time(at), by),
-                )
-            assert cur.lastrowid is not None  # an INSERT into a rowid table always sets it
-            return cur.lastrowid
-
-        return await self._run(insert)
+        params = {
+            "run_id": run_id,
+            "checkpoint_path": checkpoint_path,
+            "requested_at": codec.dump_time(at),
+            "requested_by": by,
+        }
+        rows = await self._write(q.INSERT_MANUAL_REQUEST, params, fenced=False)
+        return int(rows[0][0])
 
     async def take_manual_requests(self) -> list[ManualRequest]:
-        def take(conn: sqlite3.Connection) -> list[ManualRequest]:
-            with self._tx(conn, fenced=True):
-                rows = conn.execute(
-                    "UPDATE manual_requests SET taken_at = ?, taken_by = ? WHERE taken_at IS NULL"
-                    " RETURNING request_id, run_id, checkpoint_path, requested_at, requested_by",
-                    (codec.dump_time(self._clock.now()), self._fence.holder or ""),
-                ).fetchall()
-            return sorted(
-                (
-                    ManualRequest(
-                        request_id=r[0],
-                        run_id=r[1],
-                        checkpoint_path=r[2],
-                        requested_at=codec.load_time(r[3]),
-                        requested_by=r[4],
-                    )
-                    for r in rows
-                ),
-                key=lambda m: m.request_id,
-            )
+        def params() -> dict[str, Any]:  # evaluated under the lock, after the fence check
+            return {"taken_at": codec.dump_time(self._clock.now()), "taken_by": self._fence.holder}
 
-        return await self._run(take)
+        rows = await self._write(q.TAKE_MANUAL_REQUESTS, params)
+        return q.manual_requests_from_rows(rows, codec.load_time)
 
     # helpers --------------------------------------------------------------------------------
+    async def _write(
+        self,
+        sql: str | None,
+        params: dict[str, Any] | Callable[[], dict[str, Any]],
+        *,
+        event: Event | None = None,
+        fenced: bool = True,
+    ) -> list[Any]:
+        """One transaction: the fence check (if asked), the statement, then the event."""
+
+        def write(conn: sqlite3.Connection) -> list[Any]:
+            rows: list[Any] = []
+            with self._tx(conn, fenced=fenced):
+                if sql is not None:
+                    values = params() if callable(params) else params
+                    rows = conn.execute(sql, values).fetchall()
+                if event is not None:
+                    conn.execute(q.INSERT_EVENT, q.event_params(event, codec.dump_time))
+            return rows
+
+        return await self._run(write)
+
     async def _select(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[Any]:
         return await self._run(lambda conn: conn.execute(sql, params).fetchall())
