@@ -108,6 +108,21 @@ async def test_failed_renewals_keep_leading_only_until_the_deadline(
     assert changes == [True, False, True]
 
 
+async def test_a_renewal_in_a_new_term_is_announced_as_loss_then_gain(
+    stores: list[ScriptedStore], clock: FakeClock
+) -> None:
+    guard = make_guard(stores[0], "a", clock)
+    changes: list[bool] = []
+    guard.add_listener(changes.append)
+    assert await guard.renew_once() is True
+    # The lease lapses (say the loop was stalled, so nothing announced the deadline) and the
+    # next renewal opens a new term.
+    clock.advance(TTL_S + 1)
+    assert await guard.renew_once() is True
+    assert guard.epoch == 2
+    assert changes == [True, False, True]
+
+
 async def test_standby_takes_over_when_the_leader_releases(
     stores: list[ScriptedStore], clock: FakeClock
 ) -> None:

@@ -10,7 +10,10 @@ Owns the renewal loop only; it never acts on runs. Contract for callers:
 - `lease` / `epoch`: the lease we hold while `is_leader`, else None.
 - Signals: `leading` (an asyncio.Event set while we lead), `standing_by` (set while we do not),
   and `add_listener(cb)`, called with True on gain and False on loss (lease refused, renewal
-  failed past the deadline, released). Listeners run on the event loop and must not block.
+  failed past the deadline, released). A renewal that comes back with a new epoch (our term
+  lapsed, so another replica may have acted) is announced as a loss then a gain: treat every
+  gain as a takeover and reconcile before acting. Listeners run on the event loop and must not
+  block.
 - `run(stop)` renews every `renew_interval_s` (sooner after a failure, and it wakes at the local
   deadline so loss is announced on time); on `stop` it releases the lease so a standby takes
   over at once instead of after the TTL. `release()` does the same on demand.
@@ -115,8 +118,12 @@ class LeaderGuard:
             self._lease, self._deadline = None, -math.inf
             self._announce(False, "lease held by another replica")
             return False
-        self._lease = lease
+        previous, self._lease = self._lease, lease
         self._deadline = started + self.ttl_s - self.margin_s
+        if previous is not None and previous.epoch != lease.epoch:
+            # Our term lapsed and a new one began: another replica may have acted in between,
+            # so listeners must see a loss and a fresh gain (and reconcile again).
+            self._announce(False, f"lease lapsed (epoch {previous.epoch} -> {lease.epoch})")
         self._announce(True, "lease acquired")
         return self.is_leader
 
