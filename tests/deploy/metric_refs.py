@@ -59,6 +59,22 @@ def exposed_names() -> frozenset[str]:
     )
 
 
+def family_of(sample_name: str) -> str:
+    """The metric family a sample name belongs to, as a scrape's `# TYPE` line names it.
+
+    A labelled counter with no child yet (checkpoints_rejected_total before the first
+    rejection) exports only its `# HELP`/`# TYPE` lines, so a live-scrape check should
+    compare families, not samples, for such metrics.
+    """
+    for family, kind in CONTRACT.items():
+        for suffix in _SUFFIXES[kind]:
+            if sample_name == family + suffix:
+                # The text format names a counter's family without "_total" and a
+                # histogram's without "_bucket"; an Info is a gauge ending in "_info".
+                return family
+    raise KeyError(sample_name)
+
+
 def alert_exprs(path: Path = ALERTS) -> dict[str, str]:
     """Alert name (or recording rule name) -> PromQL expression."""
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))

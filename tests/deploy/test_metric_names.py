@@ -91,3 +91,29 @@ def test_label_values_in_queries_exist() -> None:
         if value not in closed[label]
     ]
     assert not bad
+
+
+@pytest.mark.parametrize(
+    ("sample", "family"),
+    [
+        ("tinker_recovery_attempts_total", "tinker_recovery_attempts"),
+        ("tinker_recovery_poll_duration_seconds_bucket", "tinker_recovery_poll_duration_seconds"),
+        ("tinker_recovery_build_info", "tinker_recovery_build_info"),
+        ("tinker_recovery_leader", "tinker_recovery_leader"),
+    ],
+)
+def test_family_of_maps_samples_to_scrape_families(sample: str, family: str) -> None:
+    assert metric_refs.family_of(sample) == family
+
+
+def test_family_of_matches_a_real_exposition() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tinker_recovery.obs.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry=registry)
+    text = generate_latest(registry).decode()
+    families = {f.name for f in text_string_to_metric_families(text)}
+    assert {metric_refs.family_of(n) for n in metric_refs.referenced_metrics()} <= families
