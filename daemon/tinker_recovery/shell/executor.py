@@ -197,17 +197,10 @@ class Executor:
             except AttemptFinished as done:
                 await self._ledger.finish(tracked, done.outcome, done.reason)
         except asyncio.CancelledError:
-            # Shutdown. Before the handoff nothing happened outside: record it as abandoned.
-            # At HANDING_OFF or later the row stays as it is, for reconcile on the next start.
-            if tracked.attempt.step in rec.BEFORE_HANDOFF:
-                await self._ledger.finish(
-                    tracked, AttemptOutcome.ABANDONED, "stopped before the handoff"
-                )
-            else:
-                self._ledger.tracked.pop(tracked.attempt.lineage_id, None)
+            await self._on_cancel(tracked)
             raise
-        except Exception as exc:  # noqa: BLE001 - per-attempt boundary: one attempt's bug or store error must not stop the daemon's TaskGroup
-            log.error(
+        except Exception as exc:
+            log.exception(
                 "attempt_crashed",
                 lineage_id=tracked.attempt.lineage_id,
                 attempt_id=tracked.attempt.attempt_id,
@@ -218,19 +211,35 @@ class Executor:
         finally:
             tracked.task = None
 
+    async def _on_cancel(self, tracked: rec.Tracked) -> None:
+        """Shutdown. Before the handoff nothing happened outside: record it as abandoned.
+        At HANDING_OFF or later the row stays as it is, for reconcile on the next start."""
+        if tracked.attempt.step in rec.BEFORE_HANDOFF:
+            await self._finish_or_forget(
+                tracked, AttemptOutcome.ABANDONED, "stopped before handoff"
+            )
+        else:
+            self._ledger.forget(tracked)
+
     async def _after_crash(self, tracked: rec.Tracked, exc: Exception) -> None:
         if tracked.attempt.step not in rec.BEFORE_HANDOFF:
             return  # the handoff may have happened: keep confirming, never hand off again
+        await self._finish_or_forget(tracked, AttemptOutcome.FAILED, f"internal error: {exc!r}")
+
+    async def _finish_or_forget(
+        self, tracked: rec.Tracked, outcome: AttemptOutcome, reason: str
+    ) -> None:
         try:
-            await self._ledger.finish(tracked, AttemptOutcome.FAILED, f"internal error: {exc!r}")
-        except Exception as again:  # noqa: BLE001 - the store is failing too; reconcile will abandon the row
+            await self._ledger.finish(tracked, outcome, reason)
+        except Exception as exc:  # noqa: BLE001 - the store is failing too: the row stays unfinished and the next reconcile abandons it
             log.error(
                 "attempt_finish_failed",
                 lineage_id=tracked.attempt.lineage_id,
                 attempt_id=tracked.attempt.attempt_id,
-                reason=repr(again),
+                step=tracked.attempt.step.value,
+                reason=repr(exc),
             )
-            self._ledger.tracked.pop(tracked.attempt.lineage_id, None)
+            self._ledger.forget(tracked)
 
     async def _steps(
         self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]

@@ -101,6 +101,11 @@ class Ledger:
         self.tracked: dict[str, Tracked] = {}  # by lineage id: one attempt per lineage
         self.seen_runs: set[str] = set()  # every run id a successful listing has shown
 
+    def forget(self, tracked: Tracked) -> None:
+        """Stop tracking `tracked` (only it: a reconcile may have replaced it since)."""
+        if self.tracked.get(tracked.attempt.lineage_id) is tracked:
+            del self.tracked[tracked.attempt.lineage_id]
+
     # recording ---------------------------------------------------------------------------------
 
     async def record(
@@ -187,7 +192,7 @@ class Ledger:
             attempt, self._event(attempt, "attempt_finished", reason, now)
         )
         tracked.attempt = attempt
-        self.tracked.pop(attempt.lineage_id, None)
+        self.forget(tracked)
         log.info(
             "attempt_finished",
             lineage_id=attempt.lineage_id,

@@ -254,7 +254,7 @@ class FakeHandoff:
         self.fleet = fleet
         self.starts_job = starts_job
         self.requests: list[HandoffRequest] = []
-        self.error: ActionFailed | None = None
+        self.error: Exception | None = None  # ActionFailed, or whatever a broken action raises
         self.block: asyncio.Event | None = None  # set: hand_off waits on it (for drain tests)
         self.entered = asyncio.Event()  # hand_off has begun
 

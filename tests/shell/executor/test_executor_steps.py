@@ -323,3 +323,39 @@ async def test_every_step_is_recorded_before_it_is_taken(world: World) -> None:
         "confirming",
     ]
     assert all(e.reason for e in events)
+
+
+async def test_unexpected_error_before_the_handoff_fails_the_attempt(world: World) -> None:
+    world.gateway.checkpoints[RUN_ID] = [ckpt("030", age_s=60)]
+    world.gateway.ttl_error = ZeroDivisionError("bug")  # not a RecoveryError: a bug
+    current = await seed(world)
+
+    with capture_logs() as logs:
+        attempt = await run_attempt(world, current, corrupted_run(), rule())
+
+    stored = await world.store.get_attempt(attempt.attempt_id)
+    assert stored is not None
+    assert stored.outcome is AttemptOutcome.FAILED
+    assert stored.reason.startswith("internal error")
+    assert world.handoff.requests == []
+    assert any(e["event"] == "attempt_crashed" for e in logs)
+
+
+async def test_unexpected_handoff_error_is_never_retried_only_confirmed(world: World) -> None:
+    world.gateway.checkpoints[RUN_ID] = [ckpt("030", age_s=60)]
+    world.handoff.starts_job = False
+    world.handoff.error = OSError("connection reset after the job may have started")
+    current = await seed(world)
+
+    attempt = await run_attempt(world, current, corrupted_run(), rule())
+
+    stored = await world.store.get_attempt(attempt.attempt_id)
+    assert stored is not None
+    assert (stored.step, stored.outcome) == (AttemptStep.HANDING_OFF, None)
+    assert world.executor.in_flight() == 1  # still watched: the job may have started
+    world.fleet.add_run("late", {TAG_IDEMPOTENCY_KEY: attempt.attempt_id})
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
+    done = await world.store.get_attempt(attempt.attempt_id)
+    assert done is not None
+    assert (done.outcome, done.successor_run_id) == (AttemptOutcome.SUCCEEDED, "late")
+    assert len(world.handoff.requests) == 1
