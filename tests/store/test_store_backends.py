@@ -26,6 +26,7 @@ from store_helpers import (
 from tinker_recovery.core.model import AttemptOutcome, AttemptStep, LineageState
 from tinker_recovery.errors import FencedOut
 from tinker_recovery.shell.store import PostgresStore, SqliteStore
+from tinker_recovery.shell.store import statements as q
 from tinker_recovery.shell.store.base import Store
 from tinker_recovery.shell.store.support import load_migrations
 
@@ -363,3 +364,17 @@ async def test_concurrent_takeover_after_expiry_elects_exactly_one(rig: Rig) -> 
     )
     winners = [lease for lease in leases if lease is not None]
     assert len(winners) == 1
+
+
+async def test_lineage_for_run_is_answered_from_indexes(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db", clock=FakeClock())
+    await store.open()
+    await store.close()
+    with closing(sqlite3.connect(tmp_path / "state.db")) as conn:
+        plan = [
+            row[3]
+            for row in conn.execute(f"EXPLAIN QUERY PLAN {q.LINEAGE_FOR_RUN}", {"run_id": "r"})
+        ]
+    lookups = [step for step in plan if step.startswith(("SEARCH", "SCAN"))]
+    assert len(lookups) == 5  # the four run-id branches and the final fetch by lineage id
+    assert all(step.startswith("SEARCH") and "USING INDEX" in step for step in lookups), plan
