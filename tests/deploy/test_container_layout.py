@@ -18,11 +18,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import daemon_proc
 import image_spec
 import pytest
 from deploy_paths import REPO, find_tool
@@ -221,41 +221,16 @@ def test_check_config_through_the_image_entry_point(image_root: ImageRoot) -> No
     assert image_root.snapshot() == before
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_for(notify: socket.socket, word: bytes, proc: subprocess.Popen[str]) -> list[bytes]:
-    """Datagrams from the daemon until one carries `word`; fail early if the daemon exits."""
-    seen: list[bytes] = []
-    deadline = time.monotonic() + 30
-    notify.settimeout(0.5)  # short, so that a daemon that died is noticed at once
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            message = notify.recv(4096)
-        except TimeoutError:
-            continue
-        seen.append(message)
-        if word in message.split(b"\n"):
-            return seen
-    proc.kill()
-    _, err = proc.communicate()
-    pytest.fail(f"no {word!r} (exit {proc.returncode}); saw {seen}; stderr: {err[-2000:]}")
-
-
 @pytest.mark.slow
 def test_run_through_the_image_entry_point(image_root: ImageRoot) -> None:
     # The operator-facing overrides a test needs: loopback only, a port of our own, and a
     # Tinker URL where nothing listens (polls fail; the daemon must still start and stop).
-    port = _free_port()
+    port = daemon_proc.free_port()
     notify_path = image_root.path("/tmp") / "notify.sock"
     env = image_root.env(
         TINKER_RECOVERY_HTTP__HOST="127.0.0.1",
         TINKER_RECOVERY_HTTP__PORT=str(port),
-        TINKER_RECOVERY_TINKER__BASE_URL=f"http://127.0.0.1:{_free_port()}",
+        TINKER_RECOVERY_TINKER__BASE_URL=f"http://127.0.0.1:{daemon_proc.free_port()}",
         TINKER_TELEMETRY="0",
         NOTIFY_SOCKET=str(notify_path),
     )
@@ -273,14 +248,14 @@ def test_run_through_the_image_entry_point(image_root: ImageRoot) -> None:
             user=_image_user(),
             group=_image_user(),
         ) as proc:
-            _wait_for(notify, b"READY=1", proc)
+            daemon_proc.wait_for(notify, b"READY=1", proc)
             health = [part.replace(f":{SPEC.expose[0]}/", f":{port}/") for part in SPEC.healthcheck]
             check = subprocess.run(
                 [sys.executable, *health[1:]], capture_output=True, text=True, timeout=30
             )
             assert check.returncode == 0, check.stderr
             proc.send_signal(signal.SIGTERM)
-            _wait_for(notify, b"STOPPING=1", proc)
+            daemon_proc.wait_for(notify, b"STOPPING=1", proc)
             out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert FAKE_KEY not in out + err

@@ -7,12 +7,16 @@ is rewritten to this venv's `tinker-recovery`; nothing else in the copy changes.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import daemon_proc
 import pytest
 from deploy_paths import DEPLOY, REPO, find_tool
 
@@ -175,3 +179,44 @@ def test_daemon_runs_with_memory_deny_write_execute() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "dry_run: true" in result.stdout
+
+
+@pytest.mark.slow
+def test_daemon_serves_and_stops_with_memory_deny_write_execute(tmp_path: Path) -> None:
+    # The whole run path (event loop, SQLite store, HTTP server, poller, sd_notify) under MDWE.
+    if not _mdwe_supported():
+        pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3): cannot emulate the setting")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "tinker:\n"
+        f"  base_url: http://127.0.0.1:{daemon_proc.free_port()}\n"  # nothing listens
+        "http:\n"
+        "  host: 127.0.0.1\n"
+        f"  port: {daemon_proc.free_port()}\n",
+        encoding="utf-8",
+    )
+    notify_path = tmp_path / "notify.sock"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "STATE_DIRECTORY": str(tmp_path),  # as StateDirectory= would set it
+        "TINKER_API_KEY": "tml-mdwe-test",
+        "TINKER_TELEMETRY": "0",
+        "NOTIFY_SOCKET": str(notify_path),
+    }
+    argv = [str(VENV_BINARY), "run", "--config", str(config)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        with subprocess.Popen(
+            [sys.executable, "-c", _UNDER_MDWE, *argv],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            daemon_proc.wait_for(notify, b"READY=1", proc)
+            proc.send_signal(signal.SIGTERM)
+            daemon_proc.wait_for(notify, b"STOPPING=1", proc)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert (tmp_path / "state.db").exists()
