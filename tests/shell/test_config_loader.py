@@ -96,6 +96,16 @@ def test_yaml_syntax_error_uses_problem_mark(tmp_path: Path) -> None:
     assert ": yaml: " in message
 
 
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path, "poll:\n  interval: 1m\n  interval: 2m\n")
+    assert _error(path) == f"{path}:3:3: poll.interval: duplicate key"
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, "poll: !!python/object:os.system {}\n")
+    assert ": yaml: " in _error(path)
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     path = _write(tmp_path, "- poll\n- log\n")
     assert _error(path) == f"{path}:1:1: the config must be a mapping of sections"

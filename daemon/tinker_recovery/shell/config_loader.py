@@ -100,11 +100,14 @@ def load_settings(path: Path, *, env: Mapping[str, str] | None = None) -> settin
     """
     text = _read(path)
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_error_line(path, exc)) from None
     if root is not None and not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}:1:1: the config must be a mapping of sections")
+    if duplicates := _duplicate_keys(path, root):
+        # PyYAML keeps the last of two equal keys silently; an operator would not expect that.
+        raise ConfigError("\n".join(duplicates))
 
     try:
         loaded = _settings_class(path, env)()
@@ -114,7 +117,7 @@ def load_settings(path: Path, *, env: Mapping[str, str] | None = None) -> settin
     except SettingsError as exc:
         # Raised by the env source when a complex value (JSON) from env does not parse.
         raise ConfigError(f"env: {exc}") from None
-    except yaml.YAMLError as exc:  # pragma: no cover - compose() above already parsed it
+    except yaml.YAMLError as exc:  # composed fine, but e.g. a !!python tag safe_load refuses
         raise ConfigError(yaml_error_line(path, exc)) from None
 
     for secret in _secret_values(loaded):
@@ -131,6 +134,24 @@ def yaml_error_line(path: Path, exc: yaml.YAMLError) -> str:
     if mark is None:
         return f"{path}: yaml: {problem}"
     return f"{path}:{mark.line + 1}:{mark.column + 1}: yaml: {problem}"
+
+
+def _duplicate_keys(path: Path, node: yaml.Node | None, at: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            where = f"{at}.{key}" if at else key
+            if key in seen:
+                mark = key_node.start_mark
+                found.append(f"{path}:{mark.line + 1}:{mark.column + 1}: {where}: duplicate key")
+            seen.add(key)
+            found += _duplicate_keys(path, value_node, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(path, item, f"{at}[{i}]")
+    return found
 
 
 def _lookup(node: yaml.Node, key: str | int) -> tuple[yaml.Node, yaml.Node] | None:
