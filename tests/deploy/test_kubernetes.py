@@ -183,3 +183,10 @@ def test_selectors_connect_service_monitor_and_budget_to_the_pod() -> None:
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     service_ports = {p["name"] for p in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["endpoints"]} <= service_ports
+
+
+def test_configmap_carries_the_image_default_config() -> None:
+    # Two copies of one config: the image's default and the ConfigMap mounted over it.
+    (copy,) = [c for c in image_spec.load().copies if c.dest.endswith("config.yaml")]
+    image_default = yaml.safe_load((DEPLOY.parent / copy.sources[0]).read_text(encoding="utf-8"))
+    assert yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"]) == image_default
