@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -51,6 +52,12 @@ _ModelT = TypeVar("_ModelT", bound=pydantic.BaseModel)
 
 # Statuses worth another try: the request may succeed unchanged a moment later.
 _RETRY_STATUSES = frozenset({408, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    total: int  # cursor.total_count as this page saw it
+    runs: list[RunView]
 
 
 class TinkerGateway:
@@ -107,12 +114,12 @@ class TinkerGateway:
     async def list_runs(self) -> list[RunView]:
         """Every run in scope, or an exception: never a partial fleet."""
         first = await self._page(offset=0, limit=self._cfg.page_size)
-        total = first.cursor.total_count
+        total = first.total
         # The server may serve fewer runs per page than we asked for (a cap), and may or may
         # not say so in cursor.limit. Page 0's own length is the step: even if page 0 was cut
         # short, stepping by what we actually got skips nothing.
-        step = len(first.training_runs) or self._cfg.page_size
-        pages: dict[int, wire.TrainingRunsResponse] = {0: first}
+        step = len(first.runs) or self._cfg.page_size
+        pages: dict[int, _Page] = {0: first}
         fetched_upto = 0
         # Round 1 covers the total page 0 announced. If the fleet grew meanwhile, later pages
         # report a larger total: fetch the new tail too (bounded rounds, so a fleet that keeps
@@ -123,7 +130,7 @@ class TinkerGateway:
                 break
             await self._fetch_pages(offsets, step, pages)
             fetched_upto = offsets[-1]
-            total = max(total, *(p.cursor.total_count for p in pages.values()))
+            total = max(total, *(p.total for p in pages.values()))
         return self._merge(pages)
 
     async def get_run(self, run_id: str) -> RunView:
@@ -169,7 +176,7 @@ class TinkerGateway:
 
     # ---- paging -----------------------------------------------------------------------
 
-    async def _page(self, *, offset: int, limit: int) -> wire.TrainingRunsResponse:
+    async def _page(self, *, offset: int, limit: int) -> _Page:
         params: dict[str, str | int] = {
             "limit": limit,
             "offset": offset,
@@ -180,11 +187,10 @@ class TinkerGateway:
         response = await self._send("list_runs", "GET", "/training_runs", params=params)
         page = self._parse(wire.TrainingRunsResponse, response, "list_runs")
         _check_page(page, offset=offset, limit=limit, first=offset == 0)
-        return page
+        # Views right away, so 100k pydantic models never live at once (GC time, memory).
+        return _Page(page.cursor.total_count, [to_run_view(run) for run in page.training_runs])
 
-    async def _fetch_pages(
-        self, offsets: range, step: int, into: dict[int, wire.TrainingRunsResponse]
-    ) -> None:
+    async def _fetch_pages(self, offsets: range, step: int, into: dict[int, _Page]) -> None:
         todo: Iterator[int] = iter(offsets)
 
         async def worker() -> None:
@@ -204,13 +210,13 @@ class TinkerGateway:
             raise first_failure from None
 
     @staticmethod
-    def _merge(pages: Mapping[int, wire.TrainingRunsResponse]) -> list[RunView]:
+    def _merge(pages: Mapping[int, _Page]) -> list[RunView]:
         seen: dict[str, RunView] = {}
-        totals = {p.cursor.total_count for p in pages.values()}
+        totals = {p.total for p in pages.values()}
         for offset in sorted(pages):
-            for run in pages[offset].training_runs:
+            for run in pages[offset].runs:
                 # A run shifted across a page boundary mid-listing shows up twice: keep one.
-                seen.setdefault(run.training_run_id, to_run_view(run))
+                seen.setdefault(run.run_id, run)
         if len(totals) > 1:
             log.info("fleet_changed_during_listing", totals=sorted(totals), runs=len(seen))
         return list(seen.values())

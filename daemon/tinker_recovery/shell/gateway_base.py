@@ -12,7 +12,7 @@ import base64
 import binascii
 import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import structlog
@@ -77,17 +77,23 @@ def retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
+_ZERO = timedelta(0)
+# The SDK's Literal values map 1:1 onto ours; a dict lookup is cheaper than Enum() per run.
+_KINDS = {kind.value: kind for kind in CheckpointKind}
+
+
 def _utc(value: datetime) -> datetime:
-    """Aware UTC; a naive wire timestamp is taken to be UTC already."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
+    """Aware UTC (`tzinfo is UTC`); a naive wire timestamp is taken to be UTC already."""
+    offset = value.utcoffset()
+    if offset is None or offset == _ZERO:
+        return value.replace(tzinfo=UTC)  # cheaper than astimezone on the hot path
     return value.astimezone(UTC)
 
 
 def to_checkpoint_view(ckpt: wire.Checkpoint) -> CheckpointView:
     return CheckpointView(
         checkpoint_id=ckpt.checkpoint_id,
-        kind=CheckpointKind(ckpt.checkpoint_type),
+        kind=_KINDS[ckpt.checkpoint_type],
         tinker_path=ckpt.tinker_path,
         time=_utc(ckpt.time),
         expires_at=None if ckpt.expires_at is None else _utc(ckpt.expires_at),
