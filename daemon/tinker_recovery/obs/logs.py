@@ -89,6 +89,16 @@ def _redact_processor(_logger: WrappedLogger, _name: str, event_dict: EventDict)
     return redacted
 
 
+_FIRST_KEYS = ("timestamp", "level", "logger", "event")
+
+
+def _leading_keys(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    # Readers scan lines by time, level and event; put those first, the rest as logged.
+    ordered = {k: event_dict[k] for k in _FIRST_KEYS if k in event_dict}
+    ordered.update((k, v) for k, v in event_dict.items() if k not in ordered)
+    return ordered
+
+
 class _RedactingRenderer:
     """Wraps the final renderer so the rendered line itself is scrubbed too."""
 
@@ -134,7 +144,7 @@ def _formatter(fmt: Literal["json", "console"]) -> structlog.stdlib.ProcessorFor
     else:
         final.append(structlog.processors.format_exc_info)
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-    final += [_redact_processor, _RedactingRenderer(renderer)]
+    final += [_redact_processor, _leading_keys, _RedactingRenderer(renderer)]
     return structlog.stdlib.ProcessorFormatter(
         processors=final, foreign_pre_chain=_shared_processors()
     )
