@@ -188,6 +188,20 @@ async def test_status_is_json_and_redacted(health: http.Health) -> None:
     assert TOKEN not in response.text
 
 
+async def test_status_failure_is_a_500_without_details(health: http.Health) -> None:
+    async def broken() -> dict[str, Any]:
+        raise RuntimeError(f"db password {TOKEN}")
+
+    app = http.build_app(
+        registry=CollectorRegistry(), health=health, status=broken, operator=None, token=None
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/status")
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal", "detail": "status unavailable"}
+
+
 async def test_no_mutating_routes_without_a_token(
     health: http.Health, operator: FakeOperator
 ) -> None:
