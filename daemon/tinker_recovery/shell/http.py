@@ -100,8 +100,9 @@ class Health:
         checks = {
             "config_loaded": self.config_loaded,
             "store_open": self.store_open,
-            "recent_poll": self.last_poll_success is not None
-            and now - self.last_poll_success <= window,
+            # A standby does not poll (the leader does); it is ready to take over instead.
+            "recent_poll": self.role == "standby"
+            or (self.last_poll_success is not None and now - self.last_poll_success <= window),
             "role": self.role in ("leader", "standby"),
         }
         return all(checks.values()), checks
