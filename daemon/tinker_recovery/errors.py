@@ -26,10 +26,20 @@ class RemoteRejected(RecoveryError):
 class ActionFailed(RecoveryError):
     """A restore, TTL change or handoff did not succeed."""
 
-    def __init__(self, message: str, *, action: str, exit_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        action: str,
+        exit_code: int | None = None,
+        checkpoint_at_fault: bool = False,
+    ) -> None:
         super().__init__(message)
         self.action = action
         self.exit_code = exit_code
+        # True when the service refused the checkpoint itself (a restore from it failed as a
+        # user error): the next attempt must not pick it again.
+        self.checkpoint_at_fault = checkpoint_at_fault
 
 
 class ConfigError(RecoveryError):

@@ -245,25 +245,31 @@ class Executor:
         self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
     ) -> None:
         rule = tracked.rule
-        await self._ledger.record(tracked, AttemptStep.SELECTING, "ranking candidate checkpoints")
-        chosen = await self._select(tracked, lineage, run, earlier)
-        found: dict[str, Any] = {
-            "checkpoint_path": chosen.tinker_path,
-            "checkpoint_time": chosen.time,
-        }
-        if rule.checkpoint.protect_ttl is not None:
-            ttl_s = int(rule.checkpoint.protect_ttl)
-            await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
-            await self._protect(tracked, chosen.tinker_path, ttl_s)
         tags = self._tags(tracked.attempt, run)
-        hand_off_path = chosen.tinker_path
-        restored_run: str | None = None
-        if rule.restore == "sdk":
+        while True:  # until a checkpoint restores, or none is left (AttemptFinished)
+            await self._ledger.record(
+                tracked, AttemptStep.SELECTING, "ranking candidate checkpoints"
+            )
+            chosen = await self._select(tracked, lineage, run, earlier)
+            found: dict[str, Any] = {
+                "checkpoint_path": chosen.tinker_path,
+                "checkpoint_time": chosen.time,
+            }
+            if rule.checkpoint.protect_ttl is not None:
+                ttl_s = int(rule.checkpoint.protect_ttl)
+                await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
+                await self._protect(tracked, chosen.tinker_path, ttl_s)
+            hand_off_path = chosen.tinker_path
+            restored_run: str | None = None
+            if rule.restore != "sdk":
+                break
             await self._ledger.record(
                 tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
             )
-            result = await self._restore(tracked, chosen.tinker_path, tags)
-            hand_off_path, restored_run = result.saved_path, result.new_run_id
+            result = await self._restore(tracked, chosen, tags)
+            if result is not None:
+                hand_off_path, restored_run = result.saved_path, result.new_run_id
+                break
         if rule.handoff is None:
             if restored_run is None:
                 raise AttemptFinished(AttemptOutcome.FAILED, "no handoff configured")
@@ -372,19 +378,24 @@ class Executor:
             )
 
     async def _restore(
-        self, tracked: rec.Tracked, tinker_path: str, tags: Mapping[str, str]
-    ) -> RestoreResult:
+        self, tracked: rec.Tracked, checkpoint: CheckpointView, tags: Mapping[str, str]
+    ) -> RestoreResult | None:
+        """The restored run, or None when the service refused this checkpoint (now marked bad,
+        so the next selection falls back to an older one)."""
         if self._restorer is None:
             raise AttemptFinished(AttemptOutcome.FAILED, "restore: sdk but no restorer configured")
         try:
             return await self._restorer.restore(
-                tinker_path,
+                checkpoint.tinker_path,
                 with_optimizer=tracked.rule.checkpoint.restore_optimizer,
                 user_metadata=tags,
                 save_name=f"recovery-{tracked.attempt.number}",
             )
         except ActionFailed as exc:
-            raise AttemptFinished(AttemptOutcome.FAILED, f"restore failed: {exc}") from exc
+            if not exc.checkpoint_at_fault:
+                raise AttemptFinished(AttemptOutcome.FAILED, f"restore failed: {exc}") from exc
+            await self._ledger.reject(tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc)
+            return None
 
     async def _hand_off(
         self,

@@ -148,10 +148,20 @@ class SdkRestorer:
                 f"restore from {checkpoint_path} did not finish within {self._timeout_s:g}s",
                 action="restore",
             ) from None
+        except tinker.RequestFailedError as exc:
+            # The service ran the load and refused it: a user-category failure blames the
+            # checkpoint (unloadable, incompatible); server/unknown ones may be transient.
+            raise ActionFailed(
+                self._describe(checkpoint_path, exc),
+                action="restore",
+                checkpoint_at_fault=str(getattr(exc, "category", "")).lower().endswith("user"),
+            ) from exc
         except tinker.TinkerError as exc:
             raise ActionFailed(self._describe(checkpoint_path, exc), action="restore") from exc
         except ValueError as exc:  # the SDK raises it for a bad tinker path or a 4xx poll
-            raise ActionFailed(self._describe(checkpoint_path, exc), action="restore") from exc
+            raise ActionFailed(
+                self._describe(checkpoint_path, exc), action="restore", checkpoint_at_fault=True
+            ) from exc
         finally:
             if client is not None:
                 self._close(client, status)
