@@ -217,6 +217,7 @@ class FakeRestorer:
         self.fleet = fleet
         self.calls: list[dict[str, Any]] = []
         self.error: ActionFailed | None = None
+        self.refused: set[str] = set()  # checkpoints the service fails to load (user error)
 
     async def restore(
         self,
@@ -237,6 +238,12 @@ class FakeRestorer:
         )
         if self.error is not None:
             raise self.error
+        if checkpoint_path in self.refused:
+            raise ActionFailed(
+                f"restore from {checkpoint_path} failed: RequestFailedError: cannot load",
+                action="restore",
+                checkpoint_at_fault=True,
+            )
         run_id = f"restored-{len(self.calls)}"
         # The daemon's own training client: it saved once and then went quiet.
         self.fleet.add_run(run_id, user_metadata, active=False)

@@ -231,6 +231,30 @@ async def test_restore_failure_fails_before_any_handoff(world: World) -> None:
     assert world.handoff.requests == []
 
 
+async def test_checkpoint_the_service_cannot_restore_falls_back_to_an_older_one(
+    world: World,
+) -> None:
+    newest, older = ckpt("030", age_s=60), ckpt("020", age_s=120)
+    world.gateway.checkpoints[RUN_ID] = [newest, older]
+    world.restorer.refused.add(newest.tinker_path)
+    current = await seed(world)
+
+    attempt = await run_attempt(world, current, corrupted_run(), rule(restore="sdk"))
+
+    assert [c["checkpoint_path"] for c in world.restorer.calls] == [
+        newest.tinker_path,
+        older.tinker_path,
+    ]
+    assert await world.store.bad_checkpoints([newest.tinker_path, older.tinker_path]) == {
+        newest.tinker_path
+    }
+    stored = await world.store.get_attempt(attempt.attempt_id)
+    assert stored is not None
+    assert stored.checkpoint_path == older.tinker_path
+    assert only(world.handoff.requests).checkpoint_path.startswith("tinker://restored-")
+    assert world.sample("checkpoints_rejected_total", reason="unloadable") == 1
+
+
 async def test_restore_sdk_without_handoff_makes_the_restored_run_the_successor(
     world: World,
 ) -> None:

@@ -25,6 +25,9 @@ class Health:
     def mark_poll_success(self, monotonic_s: float) -> None:
         pass
 
+    def mark_poll_cycle(self, monotonic_s: float) -> None:
+        pass
+
 
 async def test_poller_starts_the_attempt_and_a_later_cycle_confirms_it(tmp_path: Path) -> None:
     the_rule = rule(recover_preexisting=True, max_idle=None)
