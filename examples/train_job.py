@@ -57,11 +57,17 @@ def start_client(
         )
     else:
         client = service.create_training_client_from_state(path, user_metadata=metadata)
+    with (args.log_path / "runs.txt").open("a") as runs:
+        runs.write(f"{client.model_id}\n")  # lets a launcher find the job by its run id
     print(f"[{args.name}] resumed from {path} at step {step} as {client.model_id}", flush=True)
     return client, step
 
 
 def _step_of(log_path: Path, state_path: str, *, default: int) -> int:
+    # A copy tinker-recovery proved by restoring it is named "<source name>-recovery-<n>".
+    name = state_path.rsplit("/", 1)[-1].split("-recovery-")[0]
+    if name.isdigit():
+        return int(name)
     for line in (log_path / "checkpoints.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record.get("state_path") == state_path:

@@ -389,7 +389,10 @@ class Executor:
                 checkpoint.tinker_path,
                 with_optimizer=tracked.rule.checkpoint.restore_optimizer,
                 user_metadata=tags,
-                save_name=f"recovery-{tracked.attempt.number}",
+                # Named after its source, so the job (and an operator) can tell which
+                # checkpoint a proven copy came from: "000040-recovery-2".
+                save_name=f"{checkpoint.checkpoint_id.rsplit('/', 1)[-1]}-recovery-"
+                f"{tracked.attempt.number}",
             )
         except ActionFailed as exc:
             if not exc.checkpoint_at_fault:

@@ -209,9 +209,9 @@ async def test_restore_sdk_hands_off_the_saved_path(world: World) -> None:
     (call,) = world.restorer.calls
     assert call["checkpoint_path"] == chosen.tinker_path
     assert call["with_optimizer"] is True
-    assert call["save_name"] == "recovery-1"
+    assert call["save_name"] == f"{chosen.checkpoint_id.rsplit('/', 1)[-1]}-recovery-1"
     assert call["user_metadata"][TAG_IDEMPOTENCY_KEY] == attempt.attempt_id
-    saved = "tinker://restored-1/weights/recovery-1"
+    saved = f"tinker://restored-1/weights/{call['save_name']}"
     assert only(world.handoff.requests).checkpoint_path == saved
     stored = await world.store.get_attempt(attempt.attempt_id)
     assert stored is not None
