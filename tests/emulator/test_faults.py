@@ -65,7 +65,7 @@ def test_malformed_fault_breaks_the_json(http: httpx.Client) -> None:
     _add(http, kind="malformed", endpoints=["list_training_runs"])
     response = http.get("/api/v1/training_runs")
     assert response.status_code == 200
-    with pytest.raises(ValueError, match="Expecting|Unterminated|delimiter"):
+    with pytest.raises(ValueError, match=r"Expecting|Unterminated|delimiter"):
         response.json()
 
 

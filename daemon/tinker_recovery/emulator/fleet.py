@@ -196,21 +196,28 @@ class Run:
                 return ckpt
         return None
 
+    def _latest_of(self, ctype: CheckpointType, now: float) -> Checkpoint | None:
+        """The newest visible checkpoint of one type, without listing the whole history."""
+        best: Checkpoint | None = None
+        step = 1 if ctype == "training" else self.sampler_every
+        count = self._periodic_count(self.last_request(now))
+        k = count - count % step
+        while k >= 1:
+            ckpt = self._periodic(k, ctype)
+            if ckpt.checkpoint_id not in self.deleted and ckpt.checkpoint_id not in self.overlay:
+                # Older periodic ones share the TTL, so if this one expired they all did.
+                best = ckpt if ckpt.is_visible(now) else None
+                break
+            k -= step
+        for ckpt in self.overlay.values():
+            if ckpt.checkpoint_type != ctype or not ckpt.is_visible(now):
+                continue
+            if best is None or (ckpt.time, ckpt.checkpoint_id) > (best.time, best.checkpoint_id):
+                best = ckpt
+        return best
+
     def _latest(self, now: float) -> tuple[Checkpoint | None, Checkpoint | None]:
-        if not self.overlay and not self.deleted:
-            # Fast path for untouched runs: the newest periodic ones, by arithmetic.
-            count = self._periodic_count(self.last_request(now))
-            train = self._periodic(count, "training") if count >= 1 else None
-            ks = count - count % self.sampler_every
-            sampler = self._periodic(ks, "sampler") if ks >= 1 else None
-            return (
-                train if train is not None and train.is_visible(now) else None,
-                sampler if sampler is not None and sampler.is_visible(now) else None,
-            )
-        latest: dict[CheckpointType, Checkpoint] = {}
-        for ckpt in self.checkpoints(now):
-            latest[ckpt.checkpoint_type] = ckpt
-        return latest.get("training"), latest.get("sampler")
+        return self._latest_of("training", now), self._latest_of("sampler", now)
 
     def _valid_until(self, now: float, latest: tuple[Checkpoint | None, ...]) -> float:
         until = math.inf
@@ -221,8 +228,10 @@ class Run:
                 until = min(until, ckpt.expires_at)
         return until
 
-    def to_wire(self, now: float) -> dict[str, Any]:
-        train, sampler = self._latest(now)
+    def to_wire(
+        self, now: float, latest: tuple[Checkpoint | None, Checkpoint | None] | None = None
+    ) -> dict[str, Any]:
+        train, sampler = latest if latest is not None else self._latest(now)
         return {
             "training_run_id": self.run_id,
             "base_model": self.base_model,
@@ -240,10 +249,10 @@ class Run:
         """The run's JSON, rebuilt only after a change or when time made it stale."""
         if self.cache_version == self.version and now < self.cache_until:
             return self.cache
-        train, sampler = self._latest(now)
-        self.cache = json.dumps(self.to_wire(now), separators=(",", ":")).encode()
+        latest = self._latest(now)
+        self.cache = json.dumps(self.to_wire(now, latest), separators=(",", ":")).encode()
         self.cache_version = self.version
-        self.cache_until = self._valid_until(now, (train, sampler))
+        self.cache_until = self._valid_until(now, latest)
         return self.cache
 
     def add_checkpoint(self, ckpt: Checkpoint) -> None:
