@@ -292,7 +292,7 @@ class _Demo:
             f"sqlite:///{self.workdir / 'state.db'}", clock=SystemClock(), state_directory=None
         )
         await store.open()
-        rows = []
+        rows: list[tuple[str, ...]] = []
         try:
             for job in self.jobs:
                 if job.corrupted_run is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,12 +141,14 @@ def _event_dict(event: Event) -> dict[str, Any]:
     }
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain aligned columns; values are single-lined so hostile metadata cannot fake rows."""
     clean = [tuple(_one_line(c) for c in row) for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in clean]) for i, h in enumerate(header)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *clean]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *clean]
+    ]
     return "\n".join(lines) + "\n"
 
 
