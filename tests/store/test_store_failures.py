@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -64,3 +66,21 @@ async def test_postgres_store_survives_its_connections_being_killed() -> None:
             assert [e.reason for e in await store.events()][-1] == "after reconnect"
         finally:
             await store.close()
+
+
+async def test_sqlite_locked_by_another_writer_is_unavailable_then_recovers(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path, clock=FakeClock(), busy_timeout_s=0.05)
+    await store.open()
+    try:
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await store.save_lineage(make_lineage(), make_event())
+            other.execute("ROLLBACK")
+        await store.save_lineage(make_lineage(), make_event())  # no transaction left dangling
+        assert await store.get_lineage("lin-1") == make_lineage()
+    finally:
+        await store.close()

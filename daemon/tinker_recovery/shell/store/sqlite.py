@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 _LEASE_ROW = "SELECT holder, epoch, expires_at FROM lease WHERE id = 1"
+# Errors that mean a bug in our SQL or data, not a storage problem: never disguised.
+_OUR_BUGS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)
 _IN_CHUNK = 500  # stay far below SQLite's bound-parameter limit
 
 
@@ -63,7 +65,9 @@ class SqliteStore:
                 raise RuntimeError("SqliteStore used before open() or after close()")
             try:
                 return fn(self._conn)
-            except sqlite3.OperationalError as exc:  # locked, I/O error, disk full
+            except _OUR_BUGS:
+                raise
+            except sqlite3.DatabaseError as exc:  # locked, I/O error, disk full, corrupt file
                 raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
 
     @contextmanager
@@ -73,10 +77,13 @@ class SqliteStore:
             if fenced:
                 self._check_fence(conn)
             yield
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may already have rolled back (I/O error, disk full); a failed COMMIT
+            # leaves the transaction open. Either way the connection must end up idle.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _check_fence(self, conn: sqlite3.Connection) -> None:
         if not self._fence.engaged:
