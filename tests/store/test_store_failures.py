@@ -84,3 +84,18 @@ async def test_sqlite_locked_by_another_writer_is_unavailable_then_recovers(
         assert await store.get_lineage("lin-1") == make_lineage()
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_read_only_server_is_unavailable_not_a_crash() -> None:
+    # What a replica sees after its database failed over to a read-only standby.
+    with pg_schema() as url:
+        writable = PostgresStore(url, clock=FakeClock())
+        await writable.open()
+        await writable.close()
+        read_only = PostgresStore(
+            url.replace("options=", "options=-cdefault_transaction_read_only%3Don%20"),
+            clock=FakeClock(),
+        )
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await read_only.open()

@@ -51,6 +51,14 @@ _CONNECTION_DEFAULTS: dict[str, Any] = {
     "application_name": "tinker-recovery",
 }
 
+# Storage trouble rather than a bug of ours: down, restarting, timed out, or failed over to a
+# read-only server.
+_UNAVAILABLE = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+
 _ACQUIRE = """
 INSERT INTO lease AS l (id, holder, epoch, expires_at, acquired_at, renewed_at)
 VALUES (1, %(me)s, 1, now() + make_interval(secs => %(ttl)s), now(), now())
@@ -131,7 +139,7 @@ class PostgresStore:
                 yield conn
         except PoolTimeout as exc:
             raise StoreUnavailable("no PostgreSQL connection available in time") from exc
-        except psycopg.OperationalError as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL store: {exc}") from exc
 
     async def _check_fence(self, conn: Conn) -> None:
