@@ -24,11 +24,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check daemon tests benchmarks examples
 	$(BIN)/ruff format --check daemon tests benchmarks examples
-	cd daemon && ../$(BIN)/lint-imports --config ../pyproject.toml
+	cd daemon && ../$(BIN)/lint-imports ../pyproject.toml
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
-	$(BIN)/mypy tests benchmarks examples
+	$(BIN)/mypy tests examples $(wildcard benchmarks/*.py)
 
 unit: $(STAMP) tools
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/pytest -q
