@@ -60,6 +60,14 @@ class Rig:
         else:
             await asyncio.sleep(ttl_s + 0.05)  # the database clock: a real, short wait
 
+    def execute(self, statement: str) -> None:
+        if self.backend == "sqlite":
+            with closing(sqlite3.connect(self.path)) as lite, lite:
+                lite.execute(statement)
+        else:
+            with psycopg.connect(self.url) as pg:
+                pg.execute(statement)
+
     def schema_versions(self) -> list[int]:
         if self.backend == "sqlite":
             with closing(sqlite3.connect(self.path)) as conn:
@@ -228,6 +236,22 @@ async def test_reopen_keeps_data_and_applies_each_migration_once(rig: Rig) -> No
         m.version for m in load_migrations("sqlite" if rig.backend == "sqlite" else "postgres")
     ]
     assert rig.schema_versions() == expected
+
+
+async def test_a_schema_from_a_newer_version_still_opens(rig: Rig) -> None:
+    first = await rig.make()
+    await first.save_lineage(make_lineage(), make_event())
+    await first.close()
+    # A newer release migrated this database (rolling upgrade, or a rollback afterwards).
+    rig.execute(
+        "INSERT INTO schema_version (version, name, applied_at) VALUES (999, 'future', "
+        "'2030-01-01T00:00:00.000000+00:00')"
+    )
+    rig.execute("ALTER TABLE lineages ADD COLUMN future_column TEXT")
+    older = await rig.make()
+    assert await older.get_lineage("lin-1") == make_lineage()
+    await older.save_lineage(make_lineage(reason="still writable"), make_event())
+    assert 999 in rig.schema_versions()
 
 
 async def test_concurrent_first_opens_migrate_once(rig: Rig) -> None:
