@@ -84,6 +84,14 @@ class EmulatorServer:
         finally:
             loop.close()
 
+    @property
+    def thread_ident(self) -> int:
+        """The serving thread's id (benchmarks read its CPU clock); valid once started."""
+        ident = self._thread.ident
+        if ident is None:
+            raise RuntimeError("the emulator server has not been started")
+        return ident
+
     def start(self) -> EmulatorServer:
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
