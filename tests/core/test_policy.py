@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from policy_builders import NOW, RUN_ID, at, decide, lineage, rule, run, settings
+from policy_builders import NOW, RUN_ID, at, decide, fleet, lineage, rule, run, settings
 
 from tinker_recovery.core import policy
 from tinker_recovery.core.model import (
@@ -74,23 +74,23 @@ def test_first_corrupted_read_of_unknown_run_makes_a_suspect_lineage(
     assert made.rule == "default"
 
 
-def test_second_corrupted_read_confirms() -> None:
+def test_second_corrupted_read_confirms_and_acts_in_the_same_cycle() -> None:
     decision = decide(run(corrupted=True), lineage(S.SUSPECT))
-    assert decision.kind is K.CONFIRM
-    assert decision.reason == "2/2 corrupted reads: corruption confirmed"
-    assert decision.lineage.state is S.CORRUPTED
+    assert decision.kind is K.RECOVER
+    assert decision.reason.startswith("2/2 corrupted reads: corruption confirmed; attempt 1")
+    assert decision.lineage.state is S.RECOVERING
     assert decision.lineage.detected_at == NOW
     assert decision.lineage.corrupted_since == at(-30)  # the episode's first read is kept
     assert decision.lineage.updated_at == NOW
-    assert not decision.start_attempt
+    assert decision.start_attempt
 
 
 @pytest.mark.parametrize(
     ("confirmations", "reads_before", "kind", "state"),
     [
-        pytest.param(1, 0, K.CONFIRM, S.CORRUPTED, id="one-read-policy-confirms-at-once"),
+        pytest.param(1, 0, K.RECOVER, S.RECOVERING, id="one-read-policy-acts-at-once"),
         pytest.param(3, 1, K.SUSPECT, S.SUSPECT, id="2-of-3-still-suspect"),
-        pytest.param(3, 2, K.CONFIRM, S.CORRUPTED, id="3-of-3-confirms"),
+        pytest.param(3, 2, K.RECOVER, S.RECOVERING, id="3-of-3-confirms-and-acts"),
     ],
 )
 def test_confirmation_needs_the_configured_number_of_reads(
@@ -106,7 +106,8 @@ def test_unknown_between_corrupted_reads_does_not_reset_the_count() -> None:
     suspect = decide(run(corrupted=True), None).lineage
     missing = decide(None, suspect, now=at(30))
     confirmed = decide(run(corrupted=True), missing.lineage, now=at(60))
-    assert [missing.kind, confirmed.kind] == [K.UNKNOWN, K.CONFIRM]
+    assert [missing.kind, confirmed.kind] == [K.UNKNOWN, K.RECOVER]
+    assert confirmed.lineage.detected_at == at(60)
 
 
 @pytest.mark.parametrize(
@@ -340,10 +341,16 @@ def test_confirmed_corruption_is_screened_by_the_rule(
     assert decision.lineage.reason
 
 
-def test_confirmation_and_start_happen_on_separate_cycles() -> None:
-    confirmed = decide(run(corrupted=True), lineage(S.SUSPECT))
-    started = decide(run(corrupted=True), confirmed.lineage, now=at(30))
-    assert [confirmed.kind, started.kind] == [K.CONFIRM, K.RECOVER]
+def test_confirmation_held_back_by_the_cap_starts_on_a_later_cycle() -> None:
+    cfg = settings(max_concurrent=1)
+    confirmed = decide(
+        run(corrupted=True), lineage(S.SUSPECT), cfg=cfg, fleet_view=fleet(in_flight=1)
+    )
+    assert (confirmed.kind, confirmed.lineage.state) == (K.WAIT, S.CORRUPTED)
+    assert confirmed.lineage.detected_at == NOW
+    assert confirmed.reason.startswith("2/2 corrupted reads: corruption confirmed; ")
+    started = decide(run(corrupted=True), confirmed.lineage, cfg=cfg, now=at(30))
+    assert (started.kind, started.lineage.detected_at) == (K.RECOVER, NOW)
 
 
 def test_start_charges_the_budget_and_counts_the_attempt() -> None:
@@ -399,8 +406,8 @@ def test_full_episode_from_first_read_to_recovery() -> None:
     assert steps == [
         (K.WATCH, S.HEALTHY),
         (K.SUSPECT, S.SUSPECT),
-        (K.CONFIRM, S.CORRUPTED),
         (K.RECOVER, S.RECOVERING),
+        (K.WATCH, S.RECOVERING),  # the executor owns it now
     ]
     assert known is not None
-    assert known.attempt_starts == (at(90),)
+    assert known.attempt_starts == (at(60),)

@@ -122,9 +122,9 @@ def test_held_lineage_is_not_rewritten_every_cycle() -> None:
         pytest.param(
             lineage(S.HELD, held_by_operator=True, corrupted_reads=1, detected_at=None),
             True,
-            K.CONFIRM,
-            S.CORRUPTED,
-            id="suspect-confirms",
+            K.RECOVER,
+            S.RECOVERING,
+            id="suspect-confirms-and-acts",
         ),
         pytest.param(
             lineage(S.HELD, held_by_operator=True, corrupted_reads=2, detected_at=at(-60)),
@@ -201,7 +201,9 @@ def test_breaker_trips_on_this_cycles_confirmations() -> None:
         fleet_view=fleet(recent_detections=(at(-100), at(-50), at(-400))),
         cfg=_breaker(threshold=4, window=300),
     )
-    assert [d.kind for d in result.decisions] == [K.CONFIRM] * 3
+    # Confirmed and acted on in the same cycle, through the now-open breaker's stagger (2/min).
+    assert [d.kind for d in result.decisions] == [K.RECOVER, K.RECOVER, K.WAIT]
+    assert all(d.lineage.detected_at == NOW for d in result.decisions)
     assert result.breaker_open
     assert result.breaker_opened_at == NOW
     assert "5 corruptions within 5m (threshold 4)" in result.breaker_reason

@@ -127,12 +127,16 @@ def _check_start(
     cfg: PolicySettings,
     ctx: str,
 ) -> None:
-    assert before is not None, ctx  # a first read can never start an attempt
-    assert before.state in (S.CORRUPTED, S.WAITING, S.HELD), ctx
+    if before is None or before.state in (S.HEALTHY, S.SUSPECT):
+        # Only the read that completes the confirmation may start an attempt at once.
+        assert after.detected_at == NOW, ctx
+        assert after.corrupted_reads >= cfg.confirmations, ctx
+    else:
+        assert before.state in (S.CORRUPTED, S.WAITING, S.HELD), ctx
     assert after.lineage_id not in view.held_lineages, ctx
     assert not view.fleet_held, ctx
     assert after.state is S.RECOVERING, ctx
-    assert after.attempts_total == before.attempts_total + 1, ctx
+    assert after.attempts_total == (before.attempts_total if before else 0) + 1, ctx
     matched = next(r for r in cfg.rules if r.name == after.rule)
     assert matched.action == "recover", ctx
     used = lineage_mod.attempts_in_window(after.attempt_starts, NOW, matched.window)
@@ -158,7 +162,7 @@ def test_no_attempt_without_enough_consecutive_corrupted_reads() -> None:
             if seen is not None:
                 streak = streak + 1 if seen.corrupted else 0
             if decision.start_attempt:
-                assert streak > cfg.confirmations, f"seed {seed}: started after {streak} reads"
+                assert streak >= cfg.confirmations, f"seed {seed}: started after {streak} reads"
             known = _finish_at_random(rng, decision.lineage, cfg)
 
 

@@ -72,6 +72,7 @@ class _Candidate:
     before: Lineage | None
     lineage: Lineage
     rule: Rule
+    note: str = ""  # set when this cycle's read confirmed the corruption
 
 
 def plan_cycle(
@@ -88,7 +89,8 @@ def plan_cycle(
     """
     del rand
     firsts = [_observe(i, obs, fleet, now, policy) for i, obs in enumerate(observations)]
-    confirmed = sum(1 for d in firsts if isinstance(d, Decision) and d.kind is DecisionKind.CONFIRM)
+    # Confirmations this cycle, whatever was decided about them (acted on, ignored, held).
+    confirmed = sum(1 for d in firsts if d.lineage.detected_at == now)
     state = breaker.evaluate(
         fleet.breaker_opened_at,
         (*fleet.recent_detections, *([now] * confirmed)),
@@ -126,6 +128,14 @@ def _observe(
     ):
         step = step or machine.Step(current, DecisionKind.HOLD, "")
         return _hold_for_operator(before, step, fleet, now)
+    if step is not None and step.kind is DecisionKind.CONFIRM:
+        # The Nth corrupted read both confirms and acts: screen the confirmed lineage now,
+        # so the first attempt starts in this cycle rather than one poll interval later.
+        screened = machine.screen(step.lineage, run, rule, now)
+        if isinstance(screened, machine.Step):
+            reason = f"{step.reason}; {screened.reason}"
+            return Decision(screened.kind, reason, machine.settle(before, screened.lineage, now))
+        return _Candidate(index, before, step.lineage, screened, note=step.reason)
     screened = step or machine.screen(current, run, rule, now)
     if isinstance(screened, machine.Step):
         return Decision(
@@ -177,7 +187,7 @@ def _gate(
     for cand in sorted(candidates, key=lambda c: _order(c, now)):
         block = _blocker(fleet, policy, state, started, allowance)
         if block is None:
-            out[cand.index] = _start(cand, now, policy.dry_run)
+            out[cand.index] = _noted(cand, _start(cand, now, policy.dry_run))
             started += 1
             continue
         parked = replace(
@@ -188,8 +198,12 @@ def _gate(
             held_by_operator=False,
         )
         settled = machine.settle(cand.before, parked, now)
-        out[cand.index] = Decision(block.kind, block.reason, settled)
+        out[cand.index] = _noted(cand, Decision(block.kind, block.reason, settled))
     return out
+
+
+def _noted(cand: _Candidate, decision: Decision) -> Decision:
+    return replace(decision, reason=f"{cand.note}; {decision.reason}") if cand.note else decision
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,6 @@ from tinker_recovery.core.model import (
     TAG_LINEAGE,
     Attempt,
     Decision,
-    DecisionKind,
     Lineage,
     LineageState,
     RunView,
@@ -290,7 +289,8 @@ class Poller:
         for decision in decisions:
             self._metrics.decisions.labels(decision=decision.kind.value).inc()
             run = runs_by_id.get(decision.lineage.current_run_id)
-            if decision.kind is DecisionKind.CONFIRM:
+            if decision.lineage.detected_at == now:
+                # Confirmed by this cycle's read, whatever was decided about it.
                 self._metrics.corruptions_detected.inc()
                 self._fleet.detections.append(now)
             await self._record(decision, run)
