@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tinker_recovery.emulator import EmulatorServer, FaultSpec
+from tinker_recovery.emulator import Emulator, EmulatorConfig, EmulatorServer, FaultSpec, create_app
 
 KEY = {"X-API-Key": "tml-fault-tests"}
 
@@ -135,3 +136,26 @@ def test_bad_fault_specs_are_rejected_with_a_detail(
     response = http.post("/_emulator/faults", json=spec)
     assert response.status_code == 400
     assert response.json()["detail"]
+
+
+async def test_clearing_faults_releases_held_requests() -> None:
+    app = create_app(EmulatorConfig(runs=3))
+    emu: Emulator = app.state.emulator
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://emulator") as client:
+        await client.post("/_emulator/faults", json={"kind": "hang", "hang_s": 600, "times": 1})
+        held = asyncio.create_task(client.get("/api/v1/healthz", headers=KEY))
+        # Same loop, no threads: a bounded number of turns lets the request reach the hang.
+        for _ in range(1000):
+            if not emu.faults.describe():  # the fault retires once the request picked it up
+                break
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert emu.faults.describe() == []
+        assert not held.done()
+
+        await client.delete("/_emulator/faults")
+
+        response = await held
+    assert response.status_code == 200
+    assert response.headers["x-emulator-faults"] == "hang"

@@ -81,12 +81,12 @@ def _check_key(request: Request) -> None:
         raise ApiError(401, "missing or invalid API key")
 
 
-async def _apply_pre_faults(faults: list[FaultSpec]) -> Response | None:
+async def _apply_pre_faults(emu: Emulator, faults: list[FaultSpec]) -> Response | None:
     for fault in faults:
         if fault.kind == "latency":
             await asyncio.sleep(fault.latency_s)
         elif fault.kind == "hang":
-            await asyncio.sleep(fault.hang_s)
+            await emu.hold(fault.hang_s)
     for fault in faults:
         if fault.kind == "error":
             return error_response(fault.status, "injected fault: service unavailable")
@@ -112,7 +112,7 @@ def endpoint(
 
     async def handle(request: Request) -> Response:
         faults = emu.faults.pick(name)
-        response = await _apply_pre_faults(faults)
+        response = await _apply_pre_faults(emu, faults)
         if response is None:
             response = await _call(request, handler, faults, name)
         if any(f.kind == "malformed" for f in faults) and response.status_code < 400:

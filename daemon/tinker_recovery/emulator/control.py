@@ -114,6 +114,7 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
 
     async def clear_faults(request: Request) -> Response:
         emu.faults.clear()
+        emu.release_hangs()
         return JSONResponse({"faults": []})
 
     async def remove_fault(request: Request) -> Response:
@@ -134,6 +135,7 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
 
     async def reset(request: Request) -> Response:
         emu.faults.clear()
+        emu.release_hangs()
         emu.reset_counters()
         return JSONResponse({"faults": [], **emu.request_counts()})
 
@@ -146,7 +148,7 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
             rows = [
                 {
                     "session_id": s.session_id,
-                    "alive": s.finished is None,
+                    "alive": emu.session_alive(s),
                     "finished": s.finished,
                     "last_seen": fleet.iso(s.last_seen),
                     "run_ids": list(s.run_ids),

@@ -82,7 +82,7 @@ def describe(emu: Emulator, run: fleet.Run, now: float) -> dict[str, Any]:
 
 def _session_alive(emu: Emulator, run: fleet.Run) -> bool | None:
     session = emu.sessions.get(run.session_id) if run.kind == "session" else None
-    return None if session is None else session.finished is None
+    return None if session is None else emu.session_alive(session)
 
 
 def list_runs(

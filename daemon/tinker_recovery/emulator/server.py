@@ -105,6 +105,7 @@ class EmulatorServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
+        self.emulator.release_hangs()
         if self._thread.is_alive():
             self._thread.join(STOP_TIMEOUT_S)
         self._sock.close()

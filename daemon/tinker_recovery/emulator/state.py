@@ -8,6 +8,8 @@ Every public method takes the lock: the server thread serves while a test thread
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import json
 import math
@@ -26,6 +28,8 @@ from tinker_recovery.emulator.faults import FaultBook
 
 Scope = Literal["owned", "accessible"]
 FUTURES_KEPT = 10_000
+SESSION_TIMEOUT_S = 60.0
+"""A session that sent nothing for this long (wall seconds) is dead; the SDK beats every 10 s."""
 
 
 class ApiError(Exception):
@@ -43,6 +47,8 @@ class Session:
     owner: str
     created_at: float
     last_seen: float
+    last_seen_mono: float
+    """Wall-clock (monotonic) time of the last request or heartbeat, for liveness."""
     project_id: str | None = None
     user_metadata: dict[str, Any] | None = None
     tags: list[str] = field(default_factory=list)
@@ -81,6 +87,8 @@ class Emulator:
         self.unloadable: dict[str, str] = {}
         self.rng = random.Random(config.seed + 1)
         self._future_seq = 0
+        self._release: asyncio.Event | None = None
+        self._release_loop: asyncio.AbstractEventLoop | None = None
         self.runs: dict[str, fleet.Run] = {}
         self._owned: list[fleet.Run] = []
         self._all: list[fleet.Run] = []
@@ -100,6 +108,33 @@ class Emulator:
         with self.lock:
             self._offset_s += seconds
             return self.now()
+
+    def monotonic(self) -> float:
+        return self._monotonic()
+
+    def session_alive(self, session: Session) -> bool:
+        if session.finished is not None:
+            return False
+        return self._monotonic() - session.last_seen_mono <= SESSION_TIMEOUT_S
+
+    # -- hanging requests -------------------------------------------------------------------
+    async def hold(self, seconds: float) -> None:
+        """Hold a request for `seconds`, or until `release_hangs` (fault cleared, shutdown)."""
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            if self._release is None or self._release_loop is not loop:
+                self._release, self._release_loop = asyncio.Event(), loop
+            release = self._release
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), seconds)
+
+    def release_hangs(self) -> None:
+        """Let every held request go on; safe to call from any thread."""
+        with self.lock:
+            release, loop = self._release, self._release_loop
+            self._release = self._release_loop = None
+        if release is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(release.set)
 
     # -- registry -------------------------------------------------------------------------
     def add_run(self, run: fleet.Run) -> None:

@@ -50,6 +50,7 @@ def create_session(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
             owner=emu.config.owner,
             created_at=now,
             last_seen=now,
+            last_seen_mono=emu.monotonic(),
             project_id=body.get("project_id"),
             user_metadata=body.get("user_metadata"),
             tags=[str(t) for t in tags],
@@ -69,6 +70,7 @@ def _progress(emu: Emulator, session: Session) -> None:
     """A live session drives its runs: their last_request_time follows the heartbeats."""
     now = emu.now()
     session.last_seen = now
+    session.last_seen_mono = emu.monotonic()
     for run_id in session.run_ids:
         run = emu.runs[run_id]
         if not run.corrupted:
