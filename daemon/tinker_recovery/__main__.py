@@ -106,9 +106,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return emulator.serve(args.host, args.port, args.runs, args.seed, args.page_max)
     if command == "demo":
-        from tinker_recovery import demo
+        from tinker_recovery.demo import run as run_demo
 
-        return demo.run(workdir=args.workdir, jobs=args.jobs)
+        return run_demo(workdir=args.workdir, jobs=args.jobs)
     from tinker_recovery import operator
 
     settings = _load(args.config)

@@ -149,9 +149,19 @@ class Executor:
             await asyncio.wait(pending)
 
     async def start(
-        self, lineage: Lineage, run: RunView, rule: Rule, *, tg: asyncio.TaskGroup
+        self,
+        lineage: Lineage,
+        run: RunView,
+        rule: Rule,
+        *,
+        tg: asyncio.TaskGroup,
+        checkpoint: str | None = None,
     ) -> Attempt:
-        """Record attempt `lineage.attempts_total` and run its steps in a named task of `tg`."""
+        """Record attempt `lineage.attempts_total` and run its steps in a named task of `tg`.
+
+        `checkpoint` (an operator's `recover --checkpoint`) replaces the ranking: that one path is
+        validated and used, or the attempt fails; no fallback to a checkpoint nobody chose.
+        """
         if self._dry_run:
             raise RuntimeError("dry_run: the policy records decisions; the executor must not act")
         if lineage.lineage_id in self._ledger.tracked:
@@ -181,19 +191,25 @@ class Executor:
             del self._ledger.tracked[lineage.lineage_id]
             raise
         tracked.task = tg.create_task(
-            self._run(tracked, lineage, run, earlier), name=f"attempt:{attempt.attempt_id}"
+            self._run(tracked, lineage, run, earlier, checkpoint),
+            name=f"attempt:{attempt.attempt_id}",
         )
         return tracked.attempt
 
     # the step sequence -------------------------------------------------------------------------
 
     async def _run(
-        self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
+        self,
+        tracked: rec.Tracked,
+        lineage: Lineage,
+        run: RunView,
+        earlier: Sequence[Attempt],
+        checkpoint: str | None,
     ) -> None:
         try:
             try:
                 async with self._semaphore:
-                    await self._steps(tracked, lineage, run, earlier)
+                    await self._steps(tracked, lineage, run, earlier, checkpoint)
             except AttemptFinished as done:
                 await self._ledger.finish(tracked, done.outcome, done.reason)
         except asyncio.CancelledError:
@@ -242,34 +258,22 @@ class Executor:
             self._ledger.forget(tracked)
 
     async def _steps(
-        self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
+        self,
+        tracked: rec.Tracked,
+        lineage: Lineage,
+        run: RunView,
+        earlier: Sequence[Attempt],
+        override: str | None,
     ) -> None:
         rule = tracked.rule
         tags = self._tags(tracked.attempt, run)
-        while True:  # until a checkpoint restores, or none is left (AttemptFinished)
-            await self._ledger.record(
-                tracked, AttemptStep.SELECTING, "ranking candidate checkpoints"
-            )
-            chosen = await self._select(tracked, lineage, run, earlier)
-            found: dict[str, Any] = {
-                "checkpoint_path": chosen.tinker_path,
-                "checkpoint_time": chosen.time,
-            }
-            if rule.checkpoint.protect_ttl is not None:
-                ttl_s = int(rule.checkpoint.protect_ttl)
-                await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
-                await self._protect(tracked, chosen.tinker_path, ttl_s)
-            hand_off_path = chosen.tinker_path
-            restored_run: str | None = None
-            if rule.restore != "sdk":
-                break
-            await self._ledger.record(
-                tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
-            )
-            result = await self._restore(tracked, chosen, tags)
-            if result is not None:
-                hand_off_path, restored_run = result.saved_path, result.new_run_id
-                break
+        chosen, hand_off_path, restored_run = await self._prepare(
+            tracked, lineage, run, earlier, override, tags
+        )
+        found: dict[str, Any] = {
+            "checkpoint_path": chosen.tinker_path,
+            "checkpoint_time": chosen.time,
+        }
         if rule.handoff is None:
             if restored_run is None:
                 raise AttemptFinished(AttemptOutcome.FAILED, "no handoff configured")
@@ -294,6 +298,48 @@ class Executor:
         await self._hand_off(tracked, action, hand_off_path, tags)
         failpoints.hit("executor.handoff_returned")
         await self._handed_off(tracked, f"handed off via {rule.handoff}", hand_off_path, None)
+
+    async def _prepare(
+        self,
+        tracked: rec.Tracked,
+        lineage: Lineage,
+        run: RunView,
+        earlier: Sequence[Attempt],
+        override: str | None,
+        tags: Mapping[str, str],
+    ) -> tuple[CheckpointView, str, str | None]:
+        """Select, protect and (restore: sdk) prove a checkpoint. Returns it, the path to hand
+        off and the restored run, if any. A checkpoint the service refuses to restore is marked
+        bad and the next one is selected, until one restores or none is left."""
+        rule = tracked.rule
+        while True:
+            await self._ledger.record(
+                tracked, AttemptStep.SELECTING, "ranking candidate checkpoints"
+            )
+            if override is not None:
+                chosen = await self._chosen_by_operator(tracked, run, override)
+            else:
+                chosen = await self._select(tracked, lineage, run, earlier)
+            found: dict[str, Any] = {
+                "checkpoint_path": chosen.tinker_path,
+                "checkpoint_time": chosen.time,
+            }
+            if rule.checkpoint.protect_ttl is not None:
+                ttl_s = int(rule.checkpoint.protect_ttl)
+                await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
+                await self._protect(tracked, chosen.tinker_path, ttl_s)
+            if rule.restore != "sdk":
+                return chosen, chosen.tinker_path, None
+            await self._ledger.record(
+                tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
+            )
+            result = await self._restore(tracked, chosen, tags)
+            if result is not None:
+                return chosen, result.saved_path, result.new_run_id
+            if override is not None:  # the operator's choice failed; there is no fallback
+                raise AttemptFinished(
+                    AttemptOutcome.FAILED, f"requested checkpoint {override} could not be restored"
+                )
 
     @staticmethod
     def _tags(attempt: Attempt, run: RunView) -> dict[str, str]:
@@ -334,6 +380,33 @@ class Executor:
             AttemptOutcome.FAILED,
             f"no usable checkpoint ({len(candidates)} found, {len(ranked)} eligible)",
         )
+
+    async def _chosen_by_operator(
+        self, tracked: rec.Tracked, run: RunView, tinker_path: str
+    ) -> CheckpointView:
+        """The operator's checkpoint, with its listed metadata when its run still lists it."""
+        owner = ranking.run_id_of(tinker_path)
+        if owner is None:
+            raise AttemptFinished(AttemptOutcome.FAILED, f"not a tinker path: {tinker_path!r}")
+        try:
+            listed = await self._gateway.list_checkpoints(owner)
+            info = await self._gateway.weights_info(tinker_path)
+        except (RemoteUnavailable, RemoteRejected) as exc:
+            raise AttemptFinished(
+                AttemptOutcome.FAILED, f"requested checkpoint {tinker_path} unusable: {exc}"
+            ) from exc
+        chosen = next((c for c in listed if c.tinker_path == tinker_path), None)
+        if chosen is None:
+            raise AttemptFinished(
+                AttemptOutcome.FAILED, f"requested checkpoint {tinker_path} is not listed"
+            )
+        cfg = tracked.rule.checkpoint
+        reason = ranking.rejection_reason(run, info, restore_optimizer=cfg.restore_optimizer)
+        if reason is not None:
+            raise AttemptFinished(
+                AttemptOutcome.FAILED, f"requested checkpoint {tinker_path}: {reason.value}"
+            )
+        return chosen
 
     async def _candidates(
         self, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]

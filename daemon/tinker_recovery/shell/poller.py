@@ -32,6 +32,7 @@ from tinker_recovery.core.model import (
 from tinker_recovery.errors import RecoveryError, RemoteRejected, RemoteUnavailable
 from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import PolicySettings, PollSettings, Rule
+from tinker_recovery.shell import manual
 from tinker_recovery.shell.clock import Clock
 from tinker_recovery.shell.store.base import Event, Store
 
@@ -56,8 +57,16 @@ class RunSource(Protocol):
 
 class AttemptRunner(Protocol):
     async def start(
-        self, lineage: Lineage, run: RunView, rule: Rule, *, tg: asyncio.TaskGroup
+        self,
+        lineage: Lineage,
+        run: RunView,
+        rule: Rule,
+        *,
+        tg: asyncio.TaskGroup,
+        checkpoint: str | None = None,
     ) -> Attempt: ...
+
+    def busy(self, lineage_id: str) -> bool: ...
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None: ...
 
@@ -202,6 +211,15 @@ class Poller:
         await self._executor.observe(runs, now)
         decisions = await self._decide(runs, now)
         started = await self._act(decisions, runs, now, tg)
+        started += await manual.take(
+            store=self._store,
+            executor=self._executor,
+            policy=self.policy,
+            runs=runs,
+            now=now,
+            tg=tg,
+            on_start=lambda: self._fleet.starts.append(now),
+        )
         self.last_cycle = {
             "at": now.isoformat(),
             "runs": len(runs),
