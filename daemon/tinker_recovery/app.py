@@ -106,8 +106,11 @@ async def build(
         else None
     )
     runner = procs.SubprocessRunner()
+    # Webhooks get their own client: they may need the environment's proxy settings, and each
+    # handoff applies its own configured timeout rather than the Tinker request timeout.
+    webhook_http = httpx.AsyncClient(timeout=None)
     actions = {
-        name: handoff.build_handoff(cfg, runner=runner, http=http_client, clock=clock)
+        name: handoff.build_handoff(cfg, runner=runner, http=webhook_http, clock=clock)
         for name, cfg in settings.handoffs.items()
     }
     executor = Executor(
@@ -153,6 +156,7 @@ async def build(
         notifier=sdnotify.Notifier(env),
         http_client=http_client,
         config_path=config_path,
+        closers=[webhook_http.aclose],
     )
 
 
