@@ -272,6 +272,7 @@ class _Demo:
     def _report(self) -> None:
         rows = asyncio.run(self._rows())
         header = (
+            "JOB",
             "LINEAGE",
             "CORRUPTED RUN",
             "CHECKPOINT USED",
@@ -310,8 +311,11 @@ class _Demo:
                     continue
                 attempt = done[-1]
                 events = await store.events(lineage_id=lineage.lineage_id, limit=500)
+                # The read that confirmed the corruption: its decision was to confirm, or
+                # (usually) to recover at once.
                 confirmed = next(
-                    (e.at for e in events if e.data.get("decision") == "confirm"), None
+                    (e.at for e in events if e.data.get("decision") in ("confirm", "recover")),
+                    None,
                 )
                 ttr = (
                     f"{(attempt.finished_at - confirmed).total_seconds():.1f}s"
