@@ -143,6 +143,7 @@ class Poller:
         self._polls_ok = 0
         self._fresh_store = False
         self._breaker_hold_set = False
+        self._known: dict[str, Lineage] = {}  # lineages as read at the start of this cycle
         self.last_cycle: dict[str, Any] = {}
         self.wake = asyncio.Event()  # set to run the next cycle now (operator actions)
 
@@ -231,6 +232,7 @@ class Poller:
 
     async def _decide(self, runs: Sequence[RunView], now: datetime) -> list[Decision]:
         lineages = await self._store.list_lineages()
+        self._known = {lineage.lineage_id: lineage for lineage in lineages}
         observations = self._observations(runs, lineages)
         holds = await self._store.holds()
         self._fleet.forget_before(now - timedelta(seconds=self._horizon_s()))
@@ -319,7 +321,7 @@ class Poller:
                 await self._executor.start(decision.lineage, run, rule, tg=tg)
                 self._fleet.starts.append(now)
                 started += 1
-        await self._export_lineage_gauge()
+        self._export_lineage_gauge(decisions)
         return started
 
     async def _record(self, decision: Decision, run: RunView | None) -> None:
@@ -349,8 +351,12 @@ class Poller:
             reason=decision.reason,
         )
 
-    async def _export_lineage_gauge(self) -> None:
-        counts = Counter(lineage.state for lineage in await self._store.list_lineages())
+    def _export_lineage_gauge(self, decisions: Sequence[Decision]) -> None:
+        """Lineages by state as of this cycle's decisions (the executor's own transitions show
+        from the next cycle on), without reading the store again."""
+        latest = dict(self._known)
+        latest.update((d.lineage.lineage_id, d.lineage) for d in decisions)
+        counts = Counter(lineage.state for lineage in latest.values())
         for state in LineageState:
             self._metrics.lineages.labels(state=state.value).set(counts.get(state, 0))
 
