@@ -1,0 +1,273 @@
+"""The watch loop: no evidence from failed polls, no work for healthy runs, persistent holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tinker_recovery.core.model import Attempt, AttemptStep, Lineage, LineageState, RunView
+from tinker_recovery.errors import RemoteRejected, RemoteUnavailable
+from tinker_recovery.obs.metrics import POLL_ERROR_REASONS, Metrics
+from tinker_recovery.settings import BreakerSettings, PolicySettings, PollSettings, Rule
+from tinker_recovery.shell.poller import Poller
+from tinker_recovery.shell.store.base import Event
+from tinker_recovery.shell.store.sqlite import SqliteStore
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self._now = T0
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return (self._now - T0).total_seconds()
+
+    async def sleep(self, delay_s: float, *, wakeup: asyncio.Event | None = None) -> None:
+        self._now += timedelta(seconds=delay_s)
+        await asyncio.sleep(0)
+
+
+class Source:
+    """Answers each poll with the next scripted result: a fleet, or an error to raise."""
+
+    def __init__(self, script: Sequence[list[RunView] | Exception]) -> None:
+        self.script = list(script)
+
+    async def list_runs(self) -> list[RunView]:
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@dataclass
+class Executor:
+    started: list[tuple[str, str]] = field(default_factory=list)
+    observed: int = 0
+    reconciled: int = 0
+
+    async def start(
+        self,
+        lineage: Lineage,
+        run: RunView,
+        rule: Rule,
+        *,
+        tg: asyncio.TaskGroup,
+        checkpoint: str | None = None,
+    ) -> Attempt:
+        self.started.append((lineage.lineage_id, run.run_id))
+        return Attempt(
+            attempt_id=f"{lineage.lineage_id}#1",
+            lineage_id=lineage.lineage_id,
+            number=1,
+            corrupted_run_id=run.run_id,
+            step=AttemptStep.CREATED,
+            started_at=T0,
+            updated_at=T0,
+        )
+
+    async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
+        self.observed += 1
+
+    async def reconcile(self, runs: Sequence[RunView] | None) -> None:
+        self.reconciled += 1
+
+    def in_flight(self) -> int:
+        return len(self.started)
+
+    def busy(self, lineage_id: str) -> bool:
+        return False
+
+
+class Health:
+    def __init__(self) -> None:
+        self.successes = 0
+
+    def mark_poll_success(self, monotonic_s: float) -> None:
+        self.successes += 1
+
+    def mark_poll_cycle(self, monotonic_s: float) -> None:
+        pass
+
+
+def run(run_id: str, *, corrupted: bool = False) -> RunView:
+    return RunView(
+        run_id=run_id,
+        base_model="Qwen/Qwen3-8B",
+        owner="alice",
+        is_lora=True,
+        lora_rank=32,
+        corrupted=corrupted,
+        last_request_time=T0,
+    )
+
+
+@dataclass
+class Rig:
+    poller: Poller
+    store: SqliteStore
+    executor: Executor
+    metrics: Metrics
+    clock: Clock
+    health: Health
+
+    async def cycles(self, count: int) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(count):
+                await self.poller.cycle(tg)
+                await self.clock.sleep(1.0)
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(f"tinker_recovery_{name}", labels) or 0.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = SqliteStore(tmp_path / "state.db", clock=Clock())
+    await opened.open()
+    assert await opened.acquire_or_renew("test", 3600.0) is not None
+    yield opened
+    await opened.close()
+
+
+def rig(
+    store: SqliteStore,
+    script: Sequence[list[RunView] | Exception],
+    *,
+    leader: bool = True,
+    **policy: Any,
+) -> Rig:
+    metrics = Metrics(CollectorRegistry())
+    executor, clock, health = Executor(), Clock(), Health()
+    rules = [Rule(name="all", max_idle=None, recover_preexisting=True)]
+    poller = Poller(
+        source=Source(script),
+        store=store,
+        executor=executor,
+        policy=PolicySettings(rules=rules, **policy),
+        poll=PollSettings(interval=1.0),
+        clock=clock,
+        metrics=metrics,
+        health=health,
+        is_leader=lambda: leader,
+    )
+    return Rig(poller, store, executor, metrics, clock, health)
+
+
+FLEET = [run(f"healthy-{i}") for i in range(50)]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(RemoteUnavailable("503 from list_training_runs"), id="unavailable"),
+        pytest.param(RemoteRejected("page 3 was truncated"), id="malformed-page"),
+    ],
+)
+async def test_a_failed_poll_between_corrupted_reads_is_not_evidence(
+    store: SqliteStore, failure: Exception
+) -> None:
+    bad = run("bad", corrupted=True)
+    healthy_again = run("bad")
+    r = rig(store, [[*FLEET, bad], failure, failure, [*FLEET, healthy_again]])
+
+    await r.cycles(4)
+
+    assert r.executor.started == []
+    lineage = await store.get_lineage("bad")
+    assert lineage is not None
+    assert lineage.state is LineageState.HEALTHY  # the one corrupted read was a false alarm
+    assert r.health.successes == 2
+    errors = sum(r.sample("poll_errors_total", reason=why) for why in POLL_ERROR_REASONS)
+    assert errors == 2
+
+
+async def test_second_successful_corrupted_read_starts_one_attempt(store: SqliteStore) -> None:
+    bad = run("bad", corrupted=True)
+    r = rig(store, [[*FLEET, bad], RemoteUnavailable("timeout"), [*FLEET, bad], [*FLEET, bad]])
+
+    await r.cycles(4)
+
+    assert r.executor.started == [("bad", "bad")]
+    assert r.sample("corruptions_detected_total") == 1
+    assert r.executor.reconciled == 1  # once, before anything new, on the first good poll
+
+
+async def test_healthy_runs_cost_no_store_writes(store: SqliteStore) -> None:
+    r = rig(store, [FLEET, FLEET, FLEET])
+
+    await r.cycles(3)
+
+    assert await store.list_lineages() == []
+    assert await store.events(limit=10) == []
+    assert r.sample("runs_watched") == len(FLEET)
+    assert r.sample("decisions_total", decision="watch") == 0
+
+
+async def test_a_recovered_root_run_is_not_a_new_corruption(store: SqliteStore) -> None:
+    old = run("root", corrupted=True)  # the backend keeps the flag on the old run forever
+    successor = run("root-successor")
+    recovered = Lineage(
+        lineage_id="root",
+        root_run_id="root",
+        current_run_id="root-successor",
+        state=LineageState.HEALTHY,
+        reason="recovered",
+        first_seen_at=T0,
+        updated_at=T0,
+        attempts_total=1,
+    )
+    await store.save_lineage(recovered, Event(at=T0, kind="test", reason="seed"))
+    r = rig(store, [[old, successor]] * 3)
+
+    await r.cycles(3)
+
+    assert r.executor.started == []
+    assert [lin.lineage_id for lin in await store.list_lineages()] == ["root"]
+
+
+async def test_hold_mode_breaker_persists_a_fleet_hold_until_resume(store: SqliteStore) -> None:
+    corrupted = [run(f"bad-{i}", corrupted=True) for i in range(4)]
+    breaker = BreakerSettings(threshold=2, mode="hold")
+    r = rig(store, [[*FLEET, *corrupted]] * 3 + [[*FLEET, *corrupted]] * 2, breaker=breaker)
+
+    await r.cycles(3)
+
+    assert r.executor.started == []
+    assert None in await store.holds()  # survives a restart; only `resume` lifts it
+    assert r.sample("incident_breaker_open") == 1
+    held = await store.list_lineages()
+    assert {lin.state for lin in held} == {LineageState.HELD}
+
+    await store.set_hold(None, False, by="test", at=r.clock.now())
+    await r.cycles(2)
+
+    assert sorted(r.executor.started) == [(f"bad-{i}", f"bad-{i}") for i in range(4)]
+    assert r.sample("incident_breaker_open") == 0
+
+
+async def test_a_standby_neither_polls_nor_acts(store: SqliteStore) -> None:
+    r = rig(store, [], leader=False)  # any poll would pop from an empty script and fail
+    stop = asyncio.Event()
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(r.poller.run(stop, tg))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        stop.set()
+        r.poller.wake.set()
+        await task
+
+    assert r.health.successes == 0
+    assert r.executor.reconciled == 0
