@@ -122,8 +122,11 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
             fault_id = int(request.path_params["fault_id"])
         except ValueError as exc:
             raise ApiError(400, "fault id must be an integer") from exc
-        if not emu.faults.remove(fault_id):
+        removed = emu.faults.remove(fault_id)
+        if removed is None:
             raise ApiError(404, "fault not found")
+        if removed.kind == "hang":
+            emu.release_hangs()
         return Response(status_code=204)
 
     async def requests(request: Request) -> Response:

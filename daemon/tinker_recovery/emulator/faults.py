@@ -97,10 +97,10 @@ class FaultBook:
             self._remaining[fault_id] = spec.times
             return fault_id
 
-    def remove(self, fault_id: int) -> bool:
+    def remove(self, fault_id: int) -> FaultSpec | None:
         with self._lock:
             self._remaining.pop(fault_id, None)
-            return self._faults.pop(fault_id, None) is not None
+            return self._faults.pop(fault_id, None)
 
     def clear(self) -> None:
         with self._lock:
