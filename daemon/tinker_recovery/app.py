@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import structlog
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from tinker_recovery import __version__
 from tinker_recovery.core.model import LineageState
@@ -60,6 +61,16 @@ class Daemon:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
+def _daemon_registry() -> CollectorRegistry:
+    """A registry per daemon (tests build several in one process), with the process and
+    platform collectors the default registry would have had."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 def replica_name(settings: Settings) -> str:
     return settings.state.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -80,7 +91,7 @@ async def build(
             "no Tinker API key: set TINKER_API_KEY, tinker.api_key_file or a systemd credential "
             "named tinker_api_key"
         )
-    metrics = Metrics()
+    metrics = Metrics(_daemon_registry())
     store = open_store(settings.state.url, clock=clock, state_directory=env.get("STATE_DIRECTORY"))
     http_client = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -193,6 +204,7 @@ async def main(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
     daemon.health.store_open = True
     daemon.metrics.build_info.info({"version": __version__})
     log.info("daemon_starting", version=__version__, replica=replica_name(settings))
+    daemon.guard.add_listener(lambda leading: _on_leadership(daemon, leading))
     exit_code = 0
     try:
         async with asyncio.TaskGroup() as tg:
@@ -255,6 +267,14 @@ def _install_signals(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+
+
+def _on_leadership(daemon: Daemon, leading: bool) -> None:
+    """Leadership changed: export it at once, and poll now rather than at the next interval
+    (a new leader reconciles and takes over without waiting)."""
+    daemon.metrics.leader.set(1 if leading else 0)
+    daemon.health.role = "leader" if leading else "standby"
+    daemon.poller.on_leadership(leading)
 
 
 async def _track_role(daemon: Daemon, stop: asyncio.Event) -> None:

@@ -152,6 +152,13 @@ class Poller:
         self.policy = policy
         self.poll = poll
 
+    def on_leadership(self, leading: bool) -> None:
+        """Every gain is a takeover (even our own lapsed-and-renewed term): another replica may
+        have acted meanwhile, so reconcile before anything new, and poll now."""
+        if leading:
+            self._reconciled = False
+        self.wake.set()
+
     @property
     def breaker_open(self) -> bool:
         return self._fleet.breaker_opened_at is not None
