@@ -204,3 +204,16 @@ def test_heartbeats_keep_the_session_runs_progressing_until_close(
         session = emu.sessions[_session_id(client.model_id)]
         assert session.finished == "success"
         assert emu.request_counts()["requests"]["finish_session"] == 1
+
+
+def test_futures_answer_try_again_before_their_result() -> None:
+    with EmulatorServer(EmulatorConfig(runs=5, seed=4, future_try_again=2)) as server:
+        service = tinker.ServiceClient(base_url=server.base_url, api_key=api_key(server))
+        try:
+            client = service.create_lora_training_client("Qwen/Qwen3-8B", rank=8).result()
+            saved = client.save_state("first").result()
+        finally:
+            service.close("success").result()
+        assert saved.path == f"tinker://{client.model_id}/weights/first"
+        # Two futures (create_model, save_weights), each polled twice more than needed.
+        assert server.emulator.request_counts()["requests"]["retrieve_future"] == 6

@@ -66,6 +66,8 @@ class Checkpoint:
     expires_at: float | None = None
     public: bool = False
     user_metadata: dict[str, str] | None = None
+    listed_after_expiry: bool = False
+    """An operator's lever: keep listing it (with a past expires_at) after it expired."""
 
     @property
     def checkpoint_type(self) -> CheckpointType:
@@ -77,7 +79,7 @@ class Checkpoint:
 
     def is_visible(self, now: float) -> bool:
         """The service stops listing (and serving) a checkpoint once it expires."""
-        return self.expires_at is None or self.expires_at > now
+        return self.expires_at is None or self.expires_at > now or self.listed_after_expiry
 
     def to_wire(self) -> dict[str, Any]:
         return {

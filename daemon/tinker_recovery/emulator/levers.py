@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tinker_recovery.emulator import fleet
-from tinker_recovery.emulator.state import ApiError, Emulator
+from tinker_recovery.emulator.state import Emulator
 
 RECOVERED_FROM = "tinker_recovery.recovered_from"
 LINEAGE = "tinker_recovery.lineage"
@@ -201,8 +201,7 @@ def expire(emu: Emulator, spec: CheckpointLever) -> dict[str, Any]:
         now = emu.now()
         if spec.listed:
             emu.unloadable[spec.tinker_path] = f"checkpoint {spec.tinker_path} has expired"
-            # A past timestamp on the wire, while the overlay keeps it listed.
-            run.add_checkpoint(_ListedExpired.of(ckpt, now))
+            run.update_checkpoint(ckpt, expires_at=now, listed_after_expiry=True)
         else:
             run.update_checkpoint(ckpt, expires_at=now)
         return {
@@ -210,22 +209,3 @@ def expire(emu: Emulator, spec: CheckpointLever) -> dict[str, Any]:
             "expired_at": fleet.iso(now),
             "listed": spec.listed,
         }
-
-
-class _ListedExpired(fleet.Checkpoint):
-    """A checkpoint that stays listed although its `expires_at` is in the past."""
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, ckpt: fleet.Checkpoint, now: float) -> _ListedExpired:
-        return cls(ckpt.run_id, ckpt.checkpoint_id, ckpt.time, ckpt.size_bytes, now, ckpt.public)
-
-    def is_visible(self, now: float) -> bool:
-        return True
-
-
-def check_not_negative(**values: int) -> None:
-    for name, value in values.items():
-        if value < 0:
-            raise ApiError(400, f"{name} must not be negative")
