@@ -44,8 +44,10 @@ class Fleet:
     url: str
     logs: Path
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    starts: dict[str, int] = field(default_factory=dict)
 
     async def start(self, name: str, url: str | None = None) -> None:
+        self.starts[name] = self.starts.get(name, 0) + 1
         log = (self.logs / f"{name}.log").open("a")
         self.procs[name] = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -58,6 +60,15 @@ class Fleet:
             stderr=asyncio.subprocess.STDOUT,
         )
         log.close()  # the child holds its own copy
+
+    async def wait_ready(self, name: str, deadline_s: float = 30.0) -> None:
+        """Until the worker has opened its store (it prints READY): startup can be slow."""
+        log = self.logs / f"{name}.log"
+        async with asyncio.timeout(deadline_s):
+            while True:
+                if log.read_text().count(f"READY {name}\n") >= self.starts[name]:
+                    return
+                await asyncio.sleep(0.02)  # integration test: polling a child's log
 
     async def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -126,6 +137,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
 async def test_sigkilled_leader_is_replaced_and_never_overlaps(fleet: Fleet) -> None:
     for name in ("r0", "r1", "r2"):
         await fleet.start(name)
+    for name in ("r0", "r1", "r2"):
+        await fleet.wait_ready(name)
     failovers: list[float] = []
     async with await psycopg.AsyncConnection.connect(fleet.url, autocommit=True) as conn:
         first = await wait_for_action(conn, 0, not_by=None, deadline_s=20)
@@ -139,6 +152,7 @@ async def test_sigkilled_leader_is_replaced_and_never_overlaps(fleet: Fleet) -> 
             )
             failovers.append(data["wall"] - killed_at)
             await fleet.start(leader)  # back as a standby
+            await fleet.wait_ready(leader)
             leader, last_seq = successor, seq
         check_log(await actions_after(conn, 0))
     print(  # noqa: T201 - the figures are this test's report
@@ -212,7 +226,7 @@ async def test_partitioned_leader_stops_and_its_late_writes_are_refused(fleet: F
             first = await wait_for_action(conn, 0, not_by=None, deadline_s=20)
             assert first[1] == "cut"
             await fleet.start("standby")
-            await asyncio.sleep(0.3)  # the standby is up and polling the lease
+            await fleet.wait_ready("standby")
             cut_at = time.time()
             hole.flowing.clear()  # the leader's packets now go nowhere
             seq, successor, data = await wait_for_action(
@@ -241,6 +255,7 @@ async def test_database_outage_longer_than_the_ttl_resumes_with_one_leader(fleet
     try:
         for name in ("a", "b"):
             await fleet.start(name, via_proxy(fleet.url, port))
+            await fleet.wait_ready(name)
         async with await psycopg.AsyncConnection.connect(fleet.url, autocommit=True) as conn:
             first = await wait_for_action(conn, 0, not_by=None, deadline_s=20)
             await hole.outage()
@@ -251,7 +266,7 @@ async def test_database_outage_longer_than_the_ttl_resumes_with_one_leader(fleet
             assert await actions_after(conn, baseline) == []  # no one reaches the database
             down_until = time.time()
             await hole.start(port)
-            resumed = await wait_for_action(conn, first[0], not_by=None, deadline_s=TTL_S * 10)
+            resumed = await wait_for_action(conn, baseline, not_by=None, deadline_s=TTL_S * 10)
             check_log(await actions_after(conn, 0))
         print(  # noqa: T201 - the figures are this test's report
             f"\nfirst action after a {OUTAGE_S:.0f}s database outage:"

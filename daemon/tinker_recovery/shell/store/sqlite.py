@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -119,7 +120,7 @@ class SqliteStore:
                 check_same_thread=False,  # used from worker threads, one at a time (the lock)
             )
             try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                mode = self._enable_wal(conn)
                 if str(mode).lower() != "wal":
                     log.warning("sqlite_wal_unavailable", journal_mode=mode)
                 conn.execute("PRAGMA synchronous=FULL")
@@ -131,6 +132,19 @@ class SqliteStore:
                 conn.close()
                 raise
             self._conn = conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> object:
+        # Switching to WAL needs an exclusive lock and SQLite does not run the busy handler
+        # for it, so daemons opening a fresh file together would fail at random: retry here.
+        # Real time on purpose: this is a worker thread's wait, not a decision.
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         migrations = load_migrations("sqlite")
