@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/tinker-recovery demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon tests benchmarks examples
-	$(BIN)/ruff format --check daemon tests benchmarks examples
+	$(BIN)/ruff check $(wildcard daemon tests benchmarks examples)
+	$(BIN)/ruff format --check $(wildcard daemon tests benchmarks examples)
 	cd daemon && ../$(BIN)/lint-imports ../pyproject.toml
 
 typecheck: $(STAMP)
