@@ -145,8 +145,8 @@ class LiveDaemon:
         port: int = self.config["http"]["port"]
         return port
 
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+    def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", headers=headers, timeout=5)
 
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON log lines so far (tracebacks and other text lines are skipped)."""
