@@ -1,0 +1,81 @@
+"""Issue 3, test 7: the fleet incident breaker staggers a mass incident, or holds until resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import DaemonProc, Emu, cli, daemon_config, rule
+
+pytestmark = pytest.mark.slow
+
+Daemons = Callable[[Path, dict[str, Any]], DaemonProc]
+
+RATE = 2
+INTERVAL_S = 1.0
+
+
+def test_stagger_starts_at_most_rate_attempts_per_interval(
+    emu: Emu, daemons: Daemons, tmp_path: Path
+) -> None:
+    # The `log` handoff never produces a successor: attempts stay in flight, so what limits the
+    # starts is the breaker alone (the concurrency cap is set well above the incident).
+    rules = [rule("fleet", "fleet", handoff="log", confirm_deadline="60s")]
+    breaker = {
+        "threshold": 5,
+        "window": "1m",
+        "mode": "stagger",
+        "stagger_rate": RATE,
+        "stagger_interval": f"{INTERVAL_S}s",
+        "cool_down": "1m",
+    }
+    config = daemon_config(emu, tmp_path, rules, max_concurrent=50)
+    config["policy"]["breaker"] = breaker
+    daemon = daemons(tmp_path, config).start()
+    victims = [emu.create_run(user_metadata={"scenario": "fleet"}) for _ in range(12)]
+    daemon.wait_polls(1)
+    for run_id in victims:
+        emu.corrupt(run_id)
+
+    daemon.wait_for(lambda: len(daemon.handoff_calls()) == 12, "12 handoffs", 40)
+    starts = sorted(
+        a.started_at.timestamp() for run_id in victims for a in daemon.attempts_for_run(run_id)
+    )
+    assert len(starts) == 12
+    # Any RATE + 1 consecutive starts span at least one interval (200 ms for the delay between
+    # the cycle that decides and the attempt row; breaking the rate would give spans near 0).
+    spans = [later - first for first, later in zip(starts, starts[RATE:], strict=False)]
+    assert min(spans) >= INTERVAL_S - 0.2, spans
+    assert daemon.events("incident_breaker", open=True)
+    assert daemon.stop() == 0
+
+
+def test_hold_mode_holds_everything_until_resume(
+    emu: Emu, daemons: Daemons, tmp_path: Path
+) -> None:
+    rules = [rule("fleet", "fleet", handoff="log", confirm_deadline="60s")]
+    config = daemon_config(emu, tmp_path, rules)
+    config["policy"]["breaker"] = {"threshold": 2, "window": "1m", "mode": "hold"}
+    daemon = daemons(tmp_path, config).start()
+    victims = [emu.create_run(user_metadata={"scenario": "fleet"}) for _ in range(4)]
+    daemon.wait_polls(1)
+    for run_id in victims:
+        emu.corrupt(run_id)
+
+    daemon.wait_for(
+        lambda: all(daemon.lineage_state(r) == "held" for r in victims), "every victim held"
+    )
+    daemon.wait_polls(4)
+    assert daemon.handoff_calls() == []
+    assert all(daemon.lineage_state(r) == "held" for r in victims)
+    assert daemon.status()["holds"] == ["*"]
+    assert daemon.status()["incident_breaker_open"] is True
+
+    answer = cli("resume", "--config", str(daemon.config_path))
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout == "resumed the whole fleet\n"
+    daemon.wait_for(lambda: len(daemon.handoff_calls()) == 4, "4 handoffs after resume")
+    assert {c["TINKER_RECOVERY_CORRUPTED_RUN"] for c in daemon.handoff_calls()} == set(victims)
+    assert daemon.stop() == 0
