@@ -310,16 +310,20 @@ async def _reloader(daemon: Daemon, stop: asyncio.Event, requested: asyncio.Even
             continue
         requested.clear()
         daemon.notifier.reloading()
+        # STATUS= is what `systemctl status` shows: a rejected file must not read as reloaded.
+        outcome = "configuration reloaded"
         if daemon.config_path is None:
             log.info("config_reload_skipped", reason="running on embedded defaults")
+            outcome = "reload skipped: running on embedded defaults"
         else:
             try:
                 fresh = config_loader.load_settings(daemon.config_path)
             except ConfigError as exc:
                 log.error("config_reload_failed", error=str(exc), kept="previous configuration")
+                outcome = "reload failed: kept the previous configuration (see the log)"
             else:
                 apply_reload(daemon, fresh)
-        daemon.notifier.ready("configuration reloaded")
+        daemon.notifier.ready(outcome)
 
 
 def apply_reload(daemon: Daemon, fresh: Settings) -> None:
