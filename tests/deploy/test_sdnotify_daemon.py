@@ -123,6 +123,16 @@ def test_notify_sequence_watchdog_and_stalls(tmp_path: Path, emulator: EmulatorS
         assert ready_again[-1].fields.get("STATUS") == "configuration reloaded"
         assert "config_reloaded" in [e["event"] for e in daemon.log_events()]
 
+        # A file that no longer validates: still RELOADING=1 then READY=1 (systemd waits for
+        # it), but STATUS says the old configuration was kept, and the daemon carries on.
+        daemon.config_path.write_text('{"poll": {"interval": "soon"}}')
+        daemon.signal(signal.SIGHUP)
+        notify.wait_for(lambda d: d.has("RELOADING", "1"), daemon, timeout_s=10)
+        refused = notify.wait_for(lambda d: d.has("READY", "1"), daemon, timeout_s=10)
+        assert refused[-1].fields.get("STATUS", "").startswith("reload failed: kept the previous")
+        assert "config_reload_failed" in [e["event"] for e in daemon.log_events()]
+        notify.wait_for(lambda d: d.has("WATCHDOG", "1"), daemon, timeout_s=5)
+
         # SIGTERM: STOPPING=1, then a clean exit.
         daemon.signal(signal.SIGTERM)
         notify.wait_for(lambda d: d.has("STOPPING", "1"), daemon, timeout_s=10)
