@@ -140,6 +140,7 @@ def test_notify_sequence_watchdog_and_stalls(tmp_path: Path, emulator: EmulatorS
         after_stop = notify.drain()
         assert pings(after_stop) == [], describe(notify.seen)
     finally:
+        control.delete("/_emulator/faults")  # the emulator is shared with the next tests
         control.close()
         daemon.close()
         notify.close()
