@@ -8,6 +8,9 @@ from policy_builders import NOW, RUN_ID, at, decide, fleet, lineage, rule, run, 
 from tinker_recovery.core import policy
 from tinker_recovery.core.model import (
     TAG_LINEAGE,
+    Attempt,
+    AttemptOutcome,
+    AttemptStep,
     CheckpointKind,
     Decision,
     DecisionKind,
@@ -411,3 +414,50 @@ def test_full_episode_from_first_read_to_recovery() -> None:
     ]
     assert known is not None
     assert known.attempt_starts == (at(60),)
+
+
+# --- progress after a recovery resets the budget -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("observed", "resets"),
+    [
+        pytest.param(run(checkpoint_at=at(-10)), True, id="newer-checkpoint-resets"),
+        pytest.param(run(checkpoint_at=at(-500)), False, id="restored-checkpoint-again"),
+        pytest.param(run(), False, id="no-checkpoint-yet"),
+        pytest.param(
+            run(checkpoint_at=at(-10), checkpoint_kind=CheckpointKind.SAMPLER),
+            False,
+            id="sampler-checkpoint-is-not-progress",
+        ),
+    ],
+)
+def test_successor_progress_resets_the_budget(observed: RunView, resets: bool) -> None:
+    recovered = lineage(S.HEALTHY, attempt_starts=(at(-300),), last_checkpoint_time=at(-500))
+    decision = decide(observed, recovered)
+    assert decision.kind is K.WATCH
+    assert decision.lineage.state is S.HEALTHY
+    assert decision.lineage.attempt_starts == (() if resets else (at(-300),))
+    if resets:
+        assert "progress, budget reset" in decision.reason
+        assert decision.lineage.last_checkpoint_time == at(-10)
+
+
+def test_success_remembers_the_restored_checkpoint_as_the_progress_mark() -> None:
+    current = lineage(S.RECOVERED, attempts_total=1, attempt_starts=(at(-60),))
+    attempt = Attempt(
+        attempt_id="a",
+        lineage_id=RUN_ID,
+        number=1,
+        corrupted_run_id=RUN_ID,
+        step=AttemptStep.DONE,
+        started_at=at(-60),
+        updated_at=NOW,
+        checkpoint_time=at(-900),
+        successor_run_id="successor",
+        outcome=AttemptOutcome.SUCCEEDED,
+    )
+    after = policy.on_attempt_finished(current, attempt, NOW, rule(), 0.5, progressed=False)
+    assert (after.state, after.current_run_id) == (S.HEALTHY, "successor")
+    assert after.last_checkpoint_time == at(-900)
+    assert after.attempt_starts == (at(-60),)

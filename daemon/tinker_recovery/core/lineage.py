@@ -104,6 +104,28 @@ def note_run(lineage: Lineage, run: RunView, rule: Rule | None) -> Lineage:
     )
 
 
+def credit_progress(before: Lineage, run: RunView) -> Lineage | None:
+    """A healthy lineage whose successor saved a training checkpoint newer than any seen before
+    (the restored one, after an attempt) made progress: its budget is reset. None otherwise."""
+    ckpt = run.last_checkpoint
+    if (
+        before.state is not LineageState.HEALTHY
+        or not before.attempt_starts
+        or run.corrupted
+        or run.run_id != before.current_run_id
+        or ckpt is None
+        or ckpt.kind is not CheckpointKind.TRAINING
+        or (before.last_checkpoint_time is not None and ckpt.time <= before.last_checkpoint_time)
+    ):
+        return None
+    return replace(
+        before,
+        attempt_starts=(),
+        last_checkpoint_time=ckpt.time,
+        reason=f"run {run.run_id} saved {ckpt.checkpoint_id}: progress, budget reset",
+    )
+
+
 def resume(lineage: Lineage, now: datetime) -> Lineage:
     """A HELD lineage as the state its recorded facts imply; any other lineage unchanged."""
     if lineage.state is not LineageState.HELD:

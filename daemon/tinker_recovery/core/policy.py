@@ -117,6 +117,11 @@ def _observe(
         untouched = _untouched(before, run)
         if untouched is not None:
             return untouched
+        progressed = machine.credit_progress(before, run)
+        if progressed is not None:
+            return Decision(
+                DecisionKind.WATCH, progressed.reason, machine.settle(before, progressed, now)
+            )
     current = before or machine.new_lineage(
         run, now, preexisting=run.corrupted and fleet.is_first_poll
     )
@@ -324,8 +329,11 @@ def _succeeded(
         starts = current.attempt_starts
         used = machine.attempts_in_window(starts, now, rule.window)
         budget = f"no progress yet: {used}/{rule.max_attempts} attempts still count"
+    # Progress is judged against the restored checkpoint: a newer one resets the budget later.
+    restored = attempt.checkpoint_time or current.last_checkpoint_time
     return replace(
         current,
+        last_checkpoint_time=restored,
         state=LineageState.HEALTHY,
         reason=f"attempt {attempt.number} succeeded: watching run {successor}; {budget}",
         current_run_id=successor,

@@ -290,7 +290,8 @@ class Poller:
             watched = by_current.get(run.run_id)
             if watched is not None:
                 seen.add(watched.lineage_id)
-                if run.corrupted or watched.state in _ACTIVE:
+                # Healthy lineages still charged for attempts are watched for progress.
+                if run.corrupted or watched.state in _ACTIVE or watched.attempt_starts:
                     observations.append(core_policy.Observation(run=run, lineage=watched))
                 continue
             if not run.corrupted or run.run_id in retired:
