@@ -50,7 +50,13 @@ async def act(store: PostgresStore, guard: LeaderGuard, stop: asyncio.Event) -> 
 
 async def main(url: str, replica_id: str, ttl_s: float, renew_s: float) -> None:
     clock = SystemClock()
-    store = PostgresStore(url, clock=clock, acquire_timeout_s=2.0, statement_timeout_s=2.0)
+    store = PostgresStore(
+        url,
+        clock=clock,
+        acquire_timeout_s=2.0,
+        statement_timeout_s=2.0,
+        idle_in_transaction_timeout_s=0.5,
+    )
     await store.open()
     guard = LeaderGuard(store, replica_id, ttl_s, renew_s, clock)
     guard.add_listener(lambda leading: say(f"{'GAIN' if leading else 'LOSS'} {replica_id}"))

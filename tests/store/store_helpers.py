@@ -10,6 +10,7 @@ TINKER_RECOVERY_REQUIRE_POSTGRES=1 (CI) turns that into a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tinker_recovery.core.model import (
 from tinker_recovery.shell.store.base import Event
 
 EPOCH = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+WAKEUP_GRACE_S = 0.05  # real time a virtual sleep gives its wakeup event before moving on
 PG_URL = os.environ.get("TINKER_RECOVERY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -52,6 +54,14 @@ class FakeClock:
 
     async def sleep(self, delay_s: float, *, wakeup: asyncio.Event | None = None) -> None:
         self.sleeps.append(delay_s)
+        if wakeup is not None:
+            # What wakes the sleeper promptly in real time (a store call finishing in a worker
+            # thread, a stop already requested) wakes it at once in virtual time; otherwise
+            # the whole virtual delay passes.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAKEUP_GRACE_S):
+                    await wakeup.wait()
+                return
         self.t += max(delay_s, 0.0)
         await asyncio.sleep(0)  # let other tasks run, as a real sleep would
 

@@ -26,14 +26,19 @@ class ScriptedStore(SqliteStore):
         super().__init__(path, clock=clock)
         self.failing = False
         self.calls = 0
+        self.call_times: list[float] = []
         self.stop_after: tuple[int, asyncio.Event] | None = None
+        self.hold: asyncio.Event | None = None  # while set, calls wait for it (a hung link)
 
     async def acquire_or_renew(self, replica_id: str, ttl_s: float) -> Lease | None:
         self.calls += 1
+        self.call_times.append(self._clock.monotonic())
         if self.stop_after is not None and self.calls >= self.stop_after[0]:
             self.stop_after[1].set()
         if self.failing:
             raise StoreUnavailable("database unreachable (scripted)")
+        if self.hold is not None:
+            await self.hold.wait()
         return await super().acquire_or_renew(replica_id, ttl_s)
 
 
@@ -108,6 +113,47 @@ async def test_failed_renewals_keep_leading_only_until_the_deadline(
     assert changes == [True, False, True]
 
 
+async def test_a_hung_renewal_does_not_delay_the_loss_and_is_not_duplicated(
+    stores: list[ScriptedStore], clock: FakeClock
+) -> None:
+    # Virtual time: waiting on a call that does not answer uses up the wait's full length.
+    store = stores[0]
+    guard = make_guard(store, "a", clock)
+    changes: list[bool] = []
+    guard.add_listener(changes.append)
+    assert await guard.renew_once() is True  # t=0: deadline at ttl - margin = 12
+    store.hold = asyncio.Event()
+    clock.advance(RENEW_S)
+    assert await guard.renew_once() is True  # sent at t=5, waited 5 s: pending, still leads
+    assert changes == [True]
+    # Waits no longer than the deadline (t=12), then announces the loss without an answer.
+    assert await guard.renew_once() is False
+    assert clock.monotonic() == 1000.0 + TTL_S - MARGIN_S
+    assert changes == [True, False]
+    assert store.calls == 2  # the hung call was waited on again, not sent twice
+    store.hold.set()
+    store.hold = None
+    # The late answer counts from when the call was sent (t=5), so it is good until t=17.
+    assert await guard.renew_once() is True
+    assert guard.epoch == 1
+    assert changes == [True, False, True]
+    assert store.calls == 2
+
+
+async def test_a_renewal_hung_for_a_whole_ttl_is_abandoned(
+    stores: list[ScriptedStore], clock: FakeClock
+) -> None:
+    store = stores[0]
+    guard = make_guard(store, "a", clock)
+    store.hold = asyncio.Event()
+    assert await guard.renew_once() is False
+    clock.advance(TTL_S)
+    assert await guard.renew_once() is False  # abandoned (cancelled) now
+    store.hold = None
+    assert await guard.renew_once() is True  # a fresh call goes out
+    assert store.calls == 2
+
+
 async def test_a_renewal_in_a_new_term_is_announced_as_loss_then_gain(
     stores: list[ScriptedStore], clock: FakeClock
 ) -> None:
@@ -160,7 +206,7 @@ async def test_run_renews_each_interval_and_releases_on_stop(
     guard = make_guard(stores[0], "a", clock)
     await guard.run(stop)
     assert stores[0].calls == 4
-    assert clock.sleeps == [RENEW_S] * 4
+    assert stores[0].call_times == [1000.0 + RENEW_S * i for i in range(4)]
     assert not guard.is_leader
     taken = await stores[1].acquire_or_renew("b", TTL_S)
     assert taken is not None  # released: no wait for the TTL
@@ -175,7 +221,7 @@ async def test_run_retries_sooner_after_a_failure(
     stores[0].stop_after = (2, stop)
     guard = make_guard(stores[0], "a", clock)
     await guard.run(stop)
-    assert clock.sleeps == [RENEW_S / 2] * 2
+    assert stores[0].call_times == [1000.0, 1000.0 + RENEW_S / 2]
     assert not guard.is_leader
 
 

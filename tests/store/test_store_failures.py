@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from store_helpers import FakeClock, make_event, make_lineage, pg_schema
 
 from tinker_recovery.errors import StoreUnavailable
+from tinker_recovery.shell.store.base import Lease
 from tinker_recovery.shell.store.postgres import PostgresStore
 from tinker_recovery.shell.store.sqlite import SqliteStore
 
@@ -99,3 +101,32 @@ async def test_postgres_read_only_server_is_unavailable_not_a_crash() -> None:
         )
         with pytest.raises(StoreUnavailable, match="read-only"):
             await read_only.open()
+
+
+@pytest.mark.postgres
+async def test_a_leader_stuck_mid_write_cannot_block_the_takeover() -> None:
+    # A partitioned leader can leave a fenced write's transaction open on the server, holding
+    # the share lock on the lease row. The server ends such idle sessions, so a standby waits
+    # about that long, not until TCP notices (hours), before it can take over.
+    with pg_schema() as url:
+        a = PostgresStore(url, clock=FakeClock(), idle_in_transaction_timeout_s=0.3)
+        b = PostgresStore(url, clock=FakeClock())
+        await a.open()
+        await b.open()
+        try:
+            assert await a.acquire_or_renew("a", 0.2) is not None
+            taken: list[Lease | None] = []
+
+            async def write_held_open_during_takeover() -> None:
+                async with a._tx(fenced=True):  # a fenced write, stalled as a cut would leave it
+                    await asyncio.sleep(0.25)  # the lease expires on the database clock
+                    async with asyncio.timeout(5):
+                        taken.append(await b.acquire_or_renew("b", 60.0))
+
+            with pytest.raises(StoreUnavailable, match="idle-in-transaction"):
+                await write_held_open_during_takeover()
+            assert taken[0] is not None
+            assert taken[0].epoch == 2
+        finally:
+            await a.close()
+            await b.close()

@@ -62,6 +62,8 @@ class LeaderGuard:
         self._deadline = -math.inf
         self._announced = False
         self._last_failed = False
+        self._inflight: asyncio.Task[Lease | None] | None = None
+        self._inflight_started = 0.0
         self._listeners: list[Callable[[bool], None]] = []
         self.leading = asyncio.Event()
         self.standing_by = asyncio.Event()
@@ -86,23 +88,46 @@ class LeaderGuard:
 
     # the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self.renew_once()
-            await self._clock.sleep(self._next_delay_s(), wakeup=stop)
-            self.check_deadline()
+        try:
+            while not stop.is_set():
+                await self.renew_once()
+                await self._clock.sleep(self._next_delay_s(), wakeup=stop)
+                self.check_deadline()
+        finally:
+            await self._drop_inflight()
         try:
             await self.release()
         except Exception as exc:  # noqa: BLE001 - shutting down: the lease expires on its own
             log.warning("lease_release_failed", replica=self.replica_id, error=str(exc))
 
     async def renew_once(self) -> bool:
-        """One acquire-or-renew call. Returns whether we lead afterwards."""
-        started = self._clock.monotonic()
+        """Wait for one acquire-or-renew call, at most until our local deadline.
+
+        The call runs as its own task: a driver may defer cancellation for seconds (psycopg
+        waits for the server to confirm a cancel, which a partition never does), so the loss
+        is announced on time by not waiting, never by cancelling. A call still pending is
+        waited on again next time rather than duplicated, and abandoned after a whole TTL.
+        Returns whether we lead afterwards.
+        """
+        if self._inflight is None:
+            self._inflight_started = self._clock.monotonic()
+            self._inflight = asyncio.create_task(
+                self._store.acquire_or_renew(self.replica_id, self.ttl_s), name="lease-renew"
+            )
+        task = self._inflight
+        if not task.done():
+            finished = asyncio.Event()
+            task.add_done_callback(lambda _: finished.set())
+            await self._clock.sleep(self._call_timeout_s(), wakeup=finished)
+        if not task.done():
+            self.check_deadline()
+            if self._clock.monotonic() - self._inflight_started >= self.ttl_s:
+                log.warning("lease_renew_abandoned", replica=self.replica_id)
+                await self._drop_inflight()
+            return self.is_leader
+        self._inflight = None
         try:
-            async with asyncio.timeout(self._call_timeout_s(started)):
-                lease = await self._store.acquire_or_renew(self.replica_id, self.ttl_s)
-        except asyncio.CancelledError:
-            raise
+            lease = task.result()
         except Exception as exc:  # noqa: BLE001 - loop boundary: any store failure means "retry"
             self._last_failed = True
             log.warning(
@@ -114,17 +139,7 @@ class LeaderGuard:
             self.check_deadline()
             return self.is_leader
         self._last_failed = False
-        if lease is None:
-            self._lease, self._deadline = None, -math.inf
-            self._announce(False, "lease held by another replica")
-            return False
-        previous, self._lease = self._lease, lease
-        self._deadline = started + self.ttl_s - self.margin_s
-        if previous is not None and previous.epoch != lease.epoch:
-            # Our term lapsed and a new one began: another replica may have acted in between,
-            # so listeners must see a loss and a fresh gain (and reconcile again).
-            self._announce(False, f"lease lapsed (epoch {previous.epoch} -> {lease.epoch})")
-        self._announce(True, "lease acquired")
+        self._apply(lease, self._inflight_started)
         return self.is_leader
 
     def check_deadline(self) -> None:
@@ -134,6 +149,7 @@ class LeaderGuard:
             self._announce(False, "local lease deadline passed without renewal")
 
     async def release(self) -> None:
+        await self._drop_inflight()  # a late renewal must not revive what we give up
         lease, self._lease, self._deadline = self._lease, None, -math.inf
         self._announce(False, "released")
         if lease is not None:
@@ -141,11 +157,38 @@ class LeaderGuard:
             log.info("lease_released", replica=self.replica_id, epoch=lease.epoch)
 
     # internals ------------------------------------------------------------------------------
-    def _call_timeout_s(self, now: float) -> float:
+    def _apply(self, lease: Lease | None, started: float) -> None:
+        if lease is None:
+            self._lease, self._deadline = None, -math.inf
+            self._announce(False, "lease held by another replica")
+            return
+        previous, self._lease = self._lease, lease
+        # From the start of the call: the database stamped its expiry no earlier than that.
+        self._deadline = started + self.ttl_s - self.margin_s
+        if previous is not None and previous.epoch != lease.epoch:
+            # Our term lapsed and a new one began: another replica may have acted in between,
+            # so listeners must see a loss and a fresh gain (and reconcile again).
+            self._announce(False, f"lease lapsed (epoch {previous.epoch} -> {lease.epoch})")
+        if self.is_leader:
+            self._announce(True, "lease acquired")
+        else:
+            self.check_deadline()  # the answer came too late to lead on
+
+    async def _drop_inflight(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})  # unlike `await task`, never swallows our own cancellation
+        if not task.cancelled():
+            task.exception()  # retrieved on purpose: a failure here is moot
+
+    def _call_timeout_s(self) -> float:
         if not self.is_leader:
             return self.renew_interval_s
         # Come back by the deadline at the latest, so the loss is announced on time.
-        return max(min(self.renew_interval_s, self._deadline - now), 0.001)
+        remaining = self._deadline - self._clock.monotonic()
+        return max(min(self.renew_interval_s, remaining), 0.001)
 
     def _next_delay_s(self) -> float:
         delay = self.renew_interval_s / 2 if self._last_failed else self.renew_interval_s

@@ -9,7 +9,8 @@ nothing. Session advisory locks are not used (see ops notes: poolers break them 
 learns too late); `pg_advisory_xact_lock` only serialises concurrent migrations.
 
 Connections: libpq keepalives and `tcp_user_timeout` (unless the URL sets them) so a dead peer
-is noticed in seconds, a statement timeout, no server-side prepared statements (safe behind
+is noticed in seconds, a statement timeout, an idle-in-transaction timeout (so a partitioned
+leader cannot hold the lease row's lock for long), no server-side prepared statements (safe behind
 PgBouncer in transaction mode), and a pool check on checkout so a restarted server costs one
 failed call, not a broken store. Driver errors become `errors.StoreUnavailable`.
 """
@@ -57,6 +58,7 @@ _UNAVAILABLE = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
     psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.IdleInTransactionSessionTimeout,  # we stalled mid-write; the server moved on
 )
 
 _ACQUIRE = """
@@ -110,12 +112,14 @@ class PostgresStore:
         pool_max_size: int = 4,
         acquire_timeout_s: float = 10.0,
         statement_timeout_s: float = 10.0,
+        idle_in_transaction_timeout_s: float = 2.0,
     ) -> None:
         self._url = url
         self._clock = clock
         self._pool_max_size = pool_max_size
         self._acquire_timeout_s = acquire_timeout_s
         self._statement_timeout_ms = int(statement_timeout_s * 1000)
+        self._idle_in_transaction_ms = int(idle_in_transaction_timeout_s * 1000)
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._fence = FenceState()
         self._watch_started_at: datetime | None = None
@@ -124,6 +128,12 @@ class PostgresStore:
     async def _configure(self, conn: Conn) -> None:
         await conn.execute("SET TIME ZONE 'UTC'")
         await conn.execute(f"SET statement_timeout = {self._statement_timeout_ms}")
+        # A leader cut off in the middle of a fenced write leaves its transaction open on the
+        # server, holding the share lock on the lease row that a takeover must wait for. Our
+        # transactions never sit idle, so the server may end such a session quickly.
+        await conn.execute(
+            f"SET idle_in_transaction_session_timeout = {self._idle_in_transaction_ms}"
+        )
 
     @asynccontextmanager
     async def _tx(self, *, fenced: bool = False) -> AsyncIterator[Conn]:
