@@ -224,7 +224,12 @@ def daemon_config(
             "restore_timeout": "20s",
         },
         "poll": {"interval": f"{POLL_S}s", "cycle_timeout": "5s"},
-        "state": {"url": f"sqlite:///{workdir / 'state.db'}"},
+        # A short lease: a daemon restarted after SIGKILL takes over within a second or so.
+        "state": {
+            "url": f"sqlite:///{workdir / 'state.db'}",
+            "lease_ttl": "1s",
+            "lease_renew_interval": "250ms",
+        },
         "policy": {
             "confirmations": 2,
             "max_concurrent": 8,
