@@ -206,9 +206,12 @@ async def main(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
     log.info("daemon_starting", version=__version__, replica=replica_name(settings))
     daemon.guard.add_listener(lambda leading: _on_leadership(daemon, leading))
     exit_code = 0
+    # The lease outlives `stop` until in-flight attempts are drained: releasing it first would
+    # fence their last writes (a finished handoff could not be recorded as handed off).
+    release_lease = asyncio.Event()
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(daemon.guard.run(stop), name="leader")
+            tg.create_task(daemon.guard.run(release_lease), name="leader")
             tg.create_task(_track_role(daemon, stop), name="role")
             tg.create_task(daemon.poller.run(stop, tg), name="poller")
             if settings.http.enabled:
@@ -226,6 +229,7 @@ async def main(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
             daemon.notifier.stopping()
             log.info("daemon_stopping")
             await daemon.executor.drain(SHUTDOWN_GRACE_S)
+            release_lease.set()
     except* RecoveryError as group:
         for error in group.exceptions:
             log.error("daemon_failed", error=str(error))
