@@ -45,6 +45,7 @@ class Scrape:
     def __init__(self, text: str) -> None:
         self.text = text
         self.openmetrics = ""  # the same registry asked for in OpenMetrics, as Prometheus asks
+        self.daemon_log = ""  # everything the daemon logged up to the scrape
         self.types: dict[str, str] = {}
         self.samples: list[Sample] = []
         for family in text_string_to_metric_families(text):
@@ -104,6 +105,7 @@ def recovered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
             answer = daemon.get("/metrics", headers={"Accept": OPENMETRICS})
             assert answer.headers["content-type"].startswith("application/openmetrics-text")
             final.openmetrics = answer.text
+            final.daemon_log = daemon.log_path.read_text(encoding="utf-8", errors="replace")
             yield final
             assert daemon.stop() == 0
         finally:
@@ -211,6 +213,14 @@ def test_the_recovery_shows_in_the_metrics(recovered: Scrape) -> None:
     assert recovered.value("tinker_recovery_attempt_duration_seconds_count") >= 1
     assert recovered.value("tinker_recovery_leader") == 1
     assert recovered.value("tinker_recovery_last_successful_poll_timestamp_seconds") > 0
+
+
+def test_no_key_in_metrics_or_logs(recovered: Scrape) -> None:
+    for key in (DAEMON_KEY, JOB_KEY):
+        assert key not in recovered.text
+        assert key not in recovered.openmetrics
+        assert key not in recovered.daemon_log
+    assert '"event": "attempt_finished"' in recovered.daemon_log  # the log is the real one
 
 
 def test_promtool_finds_no_problem(recovered: Scrape) -> None:
