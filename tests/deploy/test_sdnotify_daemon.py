@@ -182,11 +182,6 @@ def test_watchdog_meant_for_another_process_is_not_fed(
         notify.close()
 
 
-@pytest.mark.xfail(
-    reason="poller.run clears `wake` after a cycle, dropping the stop wake-up that arrived "
-    "during it, then sleeps a whole poll interval before it sees `stop` (reported to the lead)",
-    strict=False,
-)
 def test_sigterm_during_a_poll_cycle_stops_promptly(
     tmp_path: Path, emulator: EmulatorServer
 ) -> None:

@@ -168,6 +168,9 @@ class Poller:
         started = self._clock.now()
         self._fresh_store = await self._store.watch_started_at() >= started - timedelta(seconds=5)
         while not stop.is_set():
+            # Cleared before the cycle, so a wake-up (stop, an operator action, a takeover)
+            # that arrives during the cycle still cuts the following sleep short.
+            self.wake.clear()
             began = self._clock.monotonic()
             if self._is_leader():
                 await self._guarded_cycle(tg)
@@ -175,8 +178,9 @@ class Poller:
                 self._reconciled = False  # a later takeover must reconcile again
             # The loop turned (even if Tinker is down): that is what the watchdog wants to see.
             self._health.mark_poll_cycle(self._clock.monotonic())
+            if stop.is_set():
+                break
             elapsed = self._clock.monotonic() - began
-            self.wake.clear()
             # `wake` is also set by the app when `stop` is, so one event ends the sleep early.
             await self._clock.sleep(max(0.0, self.poll.interval - elapsed), wakeup=self.wake)
 
