@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DaemonProc, Emu, cli, daemon_config, rule
+
+from e2e.harness import DaemonProc, Emu, cli, daemon_config, rule
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +103,7 @@ def test_status_history_pause_resume_and_recover_against_a_live_daemon(
     assert paused == {"held": True, "lineage": lineage_id}
     emu.corrupt(successor)
     daemon.wait_for(lambda: daemon.lineage_state(successor) == "held", "the paused lineage held")
-    daemon.wait_polls(3)
+    daemon.wait_polls(2)
     assert len(daemon.handoff_calls()) == 1
     assert _json("status", "--config", config)["holds"] == [lineage_id]
     _json("resume", "--lineage", lineage_id, "--config", config)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DaemonProc, Emu, daemon_config, rule
+
+from e2e.harness import DaemonProc, Emu, daemon_config, rule
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ def test_a_handoff_that_always_fails_exhausts_the_budget_and_stops(
     emu.corrupt(run_id)
 
     daemon.wait_for(lambda: daemon.lineage_state(run_id) == "exhausted", "the lineage exhausted")
-    daemon.wait_polls(6)  # several more cycles, well past the 200-500 ms backoff
+    daemon.wait_polls(4)  # several more cycles, well past the 200-500 ms backoff cap
     attempts = daemon.attempts_for_run(run_id)
     assert [a.outcome.value if a.outcome else None for a in attempts] == ["failed", "failed"]
     assert all("exited 1" in a.reason for a in attempts), [a.reason for a in attempts]

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DaemonProc, Emu, daemon_config, rule
+
+from e2e.harness import DaemonProc, Emu, daemon_config, rule
 
 pytestmark = pytest.mark.slow
 

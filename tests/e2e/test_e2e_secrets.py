@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import DaemonProc, Emu, cli, daemon_config, free_port, rule
+
+from e2e.harness import DaemonProc, Emu, cli, daemon_config, free_port, rule
 
 pytestmark = pytest.mark.slow
 
