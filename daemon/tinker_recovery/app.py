@@ -124,6 +124,13 @@ async def build(
         name: handoff.build_handoff(cfg, runner=runner, http=webhook_http, clock=clock)
         for name, cfg in settings.handoffs.items()
     }
+    guard = LeaderGuard(
+        store,
+        replica_name(settings),
+        settings.state.lease_ttl,
+        settings.state.lease_renew_interval,
+        clock,
+    )
     executor = Executor(
         store=store,
         gateway=gateway,
@@ -135,13 +142,7 @@ async def build(
         max_concurrent=settings.policy.max_concurrent,
         rules=settings.policy.rules,
         dry_run=settings.policy.dry_run,
-    )
-    guard = LeaderGuard(
-        store,
-        replica_name(settings),
-        settings.state.lease_ttl,
-        settings.state.lease_renew_interval,
-        clock,
+        may_act=lambda: guard.is_leader,
     )
     health = http.Health(poll_interval_s=settings.poll.interval)
     poller = Poller(

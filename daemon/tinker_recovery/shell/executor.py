@@ -94,6 +94,7 @@ class Executor:
         max_concurrent: int,
         rules: Sequence[Rule] = (),
         dry_run: bool = False,
+        may_act: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._gateway = gateway
@@ -103,6 +104,10 @@ class Executor:
         self._metrics = metrics
         self._semaphore = asyncio.Semaphore(max_concurrent)
         self._dry_run = dry_run
+        # Asked right before the one side effect no store write can fence (the handoff): a
+        # replica that lost its lease since writing HANDING_OFF leaves the row to the new
+        # leader's reconcile, which will only ever confirm it.
+        self._may_act = may_act
         self._ledger = rec.Ledger(store=store, clock=clock, metrics=metrics, rand=rand, rules=rules)
 
     def configure(self, *, rules: Sequence[Rule], dry_run: bool) -> None:
@@ -295,6 +300,16 @@ class Executor:
             **found,
         )
         tracked.handed_off_at = tracked.attempt.updated_at
+        if not self._may_act():
+            log.warning(
+                "handoff_withheld",
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                step=tracked.attempt.step.value,
+                reason="this replica no longer holds the leader lease",
+            )
+            self._ledger.forget(tracked)
+            return
         await self._hand_off(tracked, action, hand_off_path, tags)
         failpoints.hit("executor.handoff_returned")
         await self._handed_off(tracked, f"handed off via {rule.handoff}", hand_off_path, None)

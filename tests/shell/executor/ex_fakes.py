@@ -8,7 +8,7 @@ every `except Exception`) at the k-th side effect, to simulate a daemon dying at
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -362,7 +362,9 @@ async def build_world(
     return world
 
 
-def new_executor(world: World, *, dry_run: bool = False) -> ex.Executor:
+def new_executor(
+    world: World, *, dry_run: bool = False, may_act: Callable[[], bool] = lambda: True
+) -> ex.Executor:
     return ex.Executor(
         store=world.store,
         gateway=world.gateway,
@@ -374,6 +376,7 @@ def new_executor(world: World, *, dry_run: bool = False) -> ex.Executor:
         max_concurrent=2,
         rules=world.rules,
         dry_run=dry_run,
+        may_act=may_act,
     )
 
 

@@ -16,6 +16,7 @@ from ex_fakes import (
     ckpt,
     corrupted_run,
     lineage,
+    new_executor,
     only,
     rule,
     run_attempt,
@@ -304,6 +305,21 @@ async def test_handoff_failure_fails_the_attempt_and_lineage_waits(world: World)
     assert after.next_attempt_at is not None
     assert world.sample("handoffs_total", type="command", outcome="failed") == 1
     assert any(e["event"] == "handoff_failed" for e in logs)
+
+
+async def test_a_replica_that_lost_its_lease_withholds_the_handoff(world: World) -> None:
+    world.gateway.checkpoints[RUN_ID] = [ckpt("030", age_s=60)]
+    world.executor = new_executor(world, may_act=lambda: False)
+    current = await seed(world)
+
+    attempt = await run_attempt(world, current, corrupted_run(), rule())
+
+    assert world.handoff.requests == []
+    stored = await world.store.get_attempt(attempt.attempt_id)
+    assert stored is not None
+    # Left at HANDING_OFF for the new leader's reconcile, which only ever confirms.
+    assert (stored.step, stored.outcome) == (AttemptStep.HANDING_OFF, None)
+    assert world.executor.in_flight() == 0
 
 
 async def test_dry_run_never_starts(tmp_path: Path) -> None:
