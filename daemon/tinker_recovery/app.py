@@ -182,6 +182,11 @@ def run(settings: Settings, *, config_path: Path | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+    except asyncio.CancelledError:
+        # A second SIGTERM/SIGINT cancelled the graceful phase: in-flight steps were cut short
+        # (unfinished attempts are reconciled on the next start). Not a clean stop.
+        log.warning("daemon_forced_stop")
+        return 1
 
 
 async def _build_and_run(settings: Settings, config_path: Path | None) -> int:
