@@ -1,0 +1,1 @@
+"""Whole-daemon high-availability tests: several replicas on PostgreSQL (issue 6)."""
