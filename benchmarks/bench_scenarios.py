@@ -162,6 +162,14 @@ def _detection(
         time.sleep(0.1)
         seen.collect()
         seen.collect_handoffs()
+    first = min(corrupted_at.values())
+    # Attempts run alongside the poll loop (store writes, the handoff's fork/exec): the cycles
+    # of this phase are slower than the steady ones, and the report shows by how much.
+    busy_cycles = [
+        float(e["duration_s"])
+        for e in daemon.tail.seen
+        if e.get("event") == "poll_cycle" and _at(e) >= first
+    ]
     latency = [seen.suspect_at[r] - corrupted_at[r] for r in victims if r in seen.suspect_at]
     handoff = [
         seen.handed_at[r] - seen.confirm_at[r]
@@ -178,6 +186,8 @@ def _detection(
         "confirm_to_handoff_s": handoff,
         "confirm_to_handoff_p50_s": percentile(handoff, 50),
         "confirm_to_handoff_p99_s": percentile(handoff, 99),
+        "cycle_wall_s_median": median(busy_cycles),
+        "cycle_wall_s_max": max(busy_cycles, default=math.nan),
     }
 
 
