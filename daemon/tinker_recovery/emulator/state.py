@@ -77,7 +77,14 @@ class Emulator:
         self._counted = threading.Condition(self.lock)
         self._monotonic = monotonic
         self._mono0 = monotonic()
-        self._t0 = config.start_time if config.start_time is not None else float(math.floor(wall()))
+        if config.start_time is not None:
+            self._t0 = config.start_time
+        else:
+            # A whole-second epoch for the fleet's history, but "now" must be the wall clock:
+            # clients compare our timestamps with their own (flooring alone lagged up to 1 s).
+            started = wall()
+            self._t0 = float(math.floor(started))
+            self._mono0 -= (started - self._t0) / config.time_scale
         self._offset_s = 0.0
         self.faults = FaultBook(config.seed)
         self.requests: Counter[str] = Counter()
