@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from policy_builders import NOW, RUN_ID, at, decide, fleet, lineage, rule, run, settings
 
@@ -56,16 +58,20 @@ def test_healthy_run_with_healthy_lineage_is_watched_unchanged() -> None:
 
 
 @pytest.mark.parametrize(
-    ("first_poll", "preexisting"),
-    [pytest.param(False, False, id="later-poll"), pytest.param(True, True, id="first-poll")],
+    ("watch_started_at", "preexisting"),
+    [
+        pytest.param(at(-3600), False, id="driven-after-watching-began"),
+        pytest.param(at(-10), True, id="idle-since-before-watching-began"),
+        pytest.param(None, False, id="watch-start-unknown"),
+    ],
 )
 def test_first_corrupted_read_of_unknown_run_makes_a_suspect_lineage(
-    first_poll: bool, preexisting: bool
+    watch_started_at: datetime | None, preexisting: bool
 ) -> None:
     decision = decide(
-        run(corrupted=True),
+        run(corrupted=True),  # last request 60 s ago
         None,
-        fleet_view=policy.FleetView(0, (), (), None, is_first_poll=first_poll),
+        fleet_view=policy.FleetView(0, (), (), None, watch_started_at=watch_started_at),
     )
     made = decision.lineage
     assert decision.kind is K.SUSPECT

@@ -61,7 +61,7 @@ def random_cycle(
         breaker_opened_at=at(-rng.uniform(0, 2000)) if rng.random() < 0.3 else None,
         fleet_held=rng.random() < 0.1,
         held_lineages=frozenset(f"run-{i}" for i in range(12) if rng.random() < 0.1),
-        is_first_poll=rng.random() < 0.2,
+        watch_started_at=at(-rng.uniform(0, 600)) if rng.random() < 0.3 else None,
     )
     cfg = settings(
         dry_run=rng.random() < 0.15,

@@ -146,12 +146,6 @@ def _at(event: dict[str, object]) -> float:
     return datetime.fromisoformat(str(event["timestamp"])).timestamp()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="poller: a standby started within 5 s of the store's creation treats its first poll"
-    " after a takeover as the deployment's first poll, so a run corrupted during the failover"
-    " is 'preexisting' and ignored (fix proposed to the lead)",
-)
 def test_fresh_deployment_standby_recovers_a_run_corrupted_during_the_failover(
     emu: Emu, tmp_path: Path
 ) -> None:

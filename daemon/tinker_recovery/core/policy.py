@@ -44,7 +44,9 @@ class FleetView:
     breaker_opened_at: datetime | None  # breaker state carried between cycles
     fleet_held: bool = False  # operator paused everything
     held_lineages: frozenset[str] = frozenset()  # operator-paused lineages
-    is_first_poll: bool = False  # corrupted runs seen on the first poll are "preexisting"
+    # When this deployment started watching (the store's birth). A run first seen corrupted
+    # whose last request is older than that broke before anyone watched: "preexisting".
+    watch_started_at: datetime | None = None
     # When an operator last resumed after a breaker hold: confirmations up to then no longer
     # count, so the same incident does not trip the breaker again right after the resume.
     breaker_resumed_at: datetime | None = None
@@ -122,9 +124,7 @@ def _observe(
             return Decision(
                 DecisionKind.WATCH, progressed.reason, machine.settle(before, progressed, now)
             )
-    current = before or machine.new_lineage(
-        run, now, preexisting=run.corrupted and fleet.is_first_poll
-    )
+    current = before or machine.new_lineage(run, now, preexisting=_preexisting(run, fleet))
     rule = rules.match_rule(run, policy.rules)
     current = machine.resume(machine.note_run(current, run, rule), now)
     step = machine.read(current, run, policy.confirmations, now)
@@ -147,6 +147,14 @@ def _observe(
             screened.kind, screened.reason, machine.settle(before, screened.lineage, now)
         )
     return _Candidate(index, before, current, screened)
+
+
+def _preexisting(run: RunView, fleet: FleetView) -> bool:
+    """Already corrupted before this deployment watched anything: nobody drove the run since
+    the store was created. A run that broke while every replica was down, or during a failover,
+    was driven after that, so it is recovered like any other."""
+    started = fleet.watch_started_at
+    return run.corrupted and started is not None and run.last_request_time < started
 
 
 def _untouched(before: Lineage, run: RunView) -> Decision | None:

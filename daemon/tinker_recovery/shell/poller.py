@@ -140,8 +140,7 @@ class Poller:
         self._rand = rand
         self._fleet = FleetMemory()
         self._reconciled = False
-        self._polls_ok = 0
-        self._fresh_store = False
+        self._watch_started_at: datetime | None = None
         self._breaker_hold_set = False
         self._known: dict[str, Lineage] = {}  # lineages as read at the start of this cycle
         self.last_cycle: dict[str, Any] = {}
@@ -165,8 +164,6 @@ class Poller:
 
     async def run(self, stop: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         """Poll every interval until `stop` is set. Never raises for a bad cycle."""
-        started = self._clock.now()
-        self._fresh_store = await self._store.watch_started_at() >= started - timedelta(seconds=5)
         while not stop.is_set():
             # Cleared before the cycle, so a wake-up (stop, an operator action, a takeover)
             # that arrives during the cycle still cuts the following sleep short.
@@ -214,8 +211,9 @@ class Poller:
         self._metrics.runs_watched.set(len(runs))
         self._metrics.last_successful_poll.set(now.timestamp())
         self._health.mark_poll_success(self._clock.monotonic())
-        self._polls_ok += 1
 
+        if self._watch_started_at is None:
+            self._watch_started_at = await self._store.watch_started_at()
         if not self._reconciled:
             await self._executor.reconcile(runs)
             await self._restore_fleet_memory()
@@ -261,7 +259,7 @@ class Poller:
             breaker_opened_at=self._fleet.breaker_opened_at,
             fleet_held=None in holds,
             held_lineages=frozenset(h for h in holds if h is not None),
-            is_first_poll=self._fresh_store and self._polls_ok == 1,
+            watch_started_at=self._watch_started_at,
         )
         plan = core_policy.plan_cycle(observations, fleet, now, self.policy, self._rand)
         if plan.breaker_open != self.breaker_open:
