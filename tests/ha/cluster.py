@@ -120,13 +120,16 @@ class Cluster:
         workdir: Path,
         *,
         handoff_delay_s: float = 0.0,
+        confirm_deadline: str = "40s",
         debug: bool = False,
     ) -> None:
-        """`handoff_delay_s`: how long the job waits between starting and creating its successor."""
+        """`handoff_delay_s`: how long the job waits between starting and creating its successor;
+        `confirm_deadline`: how long an attempt waits for that successor before it fails."""
         self.emu = emu
         self.url = url
         self.workdir = workdir
         self.handoff_delay_s = handoff_delay_s
+        self.confirm_deadline = confirm_deadline
         self.debug = debug
         self.done_log = workdir / "handoffs.jsonl"
         self.begin_log = workdir / "handoffs-begun.jsonl"
@@ -138,8 +141,10 @@ class Cluster:
     def config(self, name: str, url: str) -> dict[str, Any]:
         workdir = self.workdir / name
         workdir.mkdir(exist_ok=True)
-        # A long confirm deadline: a handoff begun by a replica that then died still lands.
-        rules = [rule("ha", LABEL, confirm_deadline="40s", backoff={"base": "1s", "cap": "2s"})]
+        # The default confirm deadline is long: a handoff begun by a replica that then died
+        # still lands well within it, even on a loaded machine.
+        knobs = {"confirm_deadline": self.confirm_deadline, "backoff": {"base": "1s", "cap": "2s"}}
+        rules = [rule("ha", LABEL, **knobs)]
         config = daemon_config(self.emu, workdir, rules)
         config["state"] = {
             "url": url,

@@ -40,7 +40,16 @@ def _standby_took_over(ha: Cluster, old: str) -> str:
 
 
 @pytest.mark.parametrize("failpoint", ["executor.handing_off", "executor.handoff_returned"])
-def test_leader_sigkilled_mid_attempt_standby_finishes_it_once(ha: Cluster, failpoint: str) -> None:
+def test_leader_sigkilled_mid_attempt_standby_finishes_it_once(
+    emu: Emu, tmp_path: Path, failpoint: str
+) -> None:
+    # Killed at handing_off, the job was never launched: the new leader waits out the confirm
+    # deadline, then a second attempt hands off (once). A short deadline keeps that quick.
+    with cluster(emu, tmp_path, handoff_delay_s=1.0, confirm_deadline="6s") as ha:
+        _kill_mid_attempt(ha, failpoint)
+
+
+def _kill_mid_attempt(ha: Cluster, failpoint: str) -> None:
     leader = ha.start("r0", failpoint=failpoint)
     ha.wait_leader()
     ha.start("r1")
