@@ -64,13 +64,16 @@ service = tinker.ServiceClient()
 client = service.create_training_client_from_state_with_optimizer(
     os.environ["TINKER_RECOVERY_CHECKPOINT"],
     user_metadata=json.loads(os.environ["TINKER_RECOVERY_USER_METADATA"]),
-)
+).result()
 row["successor"] = client.model_id
 row["saved"] = client.save_state("ha-resumed").result().path
 service.close("success")
 row["time"] = time.time()
 with open(done_log, "a") as out:
     out.write(json.dumps(row) + "\\n")
+# os._exit: the SDK's threads now and then abort the interpreter's finalisation (SIGABRT after
+# the work is done), which the daemon would read as a failed handoff and try again.
+os._exit(0)
 """
 
 
@@ -307,9 +310,8 @@ class _Backdated(SystemClock):
 def watching_since(url: str, seconds_ago: float) -> None:
     """Migrate the schema and record that the deployment has watched since `seconds_ago`.
 
-    A failover happens to a deployment that has been running for a while. On a store created
-    moments ago, a replica's first poll counts as the deployment's first poll, whose corrupted
-    runs are "preexisting" (see test_fresh_deployment_* for what that does to a takeover).
+    A failover usually happens to a deployment that has been running for a while; the fresh
+    case (both replicas starting on a new store) has a test of its own.
     """
 
     async def go() -> None:
