@@ -207,7 +207,7 @@ def _commands(results: dict[str, Any]) -> list[str]:
     daemon = first["daemon"][0]
     lines = [
         "```sh",
-        f"make bench   # = {results['command']}",
+        f"# this report: {results['command']}  (make bench: the same without --workdir)",
         "# per N: the emulator, its own process",
         " ".join(["tinker-recovery", *first["emulator_command"][1:]]).replace(
             f"--runs {first['n']}", "--runs N"

@@ -123,6 +123,9 @@ def _one_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not Path("/usr/bin/time").exists():
+        sys.stderr.write("bench: needs GNU time at /usr/bin/time (apt-get install time)\n")
+        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tinker-recovery-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     _say(f"work directory {workdir}")
