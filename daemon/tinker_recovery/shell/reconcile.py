@@ -18,6 +18,8 @@ import structlog
 
 from tinker_recovery.core import policy, ranking
 from tinker_recovery.core.model import (
+    TAG_IDEMPOTENCY_KEY,
+    TAG_LINEAGE,
     Attempt,
     AttemptOutcome,
     AttemptStep,
@@ -99,7 +101,7 @@ class Ledger:
         self._rand = rand
         self.rules = {rule.name: rule for rule in rules}
         self.tracked: dict[str, Tracked] = {}  # by lineage id: one attempt per lineage
-        self.seen_runs: set[str] = set()  # every run id a successful listing has shown
+        self.seen_runs: set[str] = set()  # run ids of the latest successful listing
 
     def forget(self, tracked: Tracked) -> None:
         """Stop tracking `tracked` (only it: a reconcile may have replaced it since)."""
@@ -260,13 +262,34 @@ class Ledger:
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
         """Confirm or fail handed-off attempts against one successful listing."""
-        self.seen_runs.update(run.run_id for run in runs)
-        for tracked in list(self.tracked.values()):
-            # Not running and past the handoff point: confirm. (HANDING_OFF/HANDED_OFF here means
-            # a step crashed on a store error after the handoff may have happened.)
-            step = tracked.attempt.step
-            if tracked.task is None and step not in BEFORE_HANDOFF and step is not AttemptStep.DONE:
-                await self._confirm(tracked, runs, now)
+        # Runs listed now existed before any attempt that starts later: none can be its
+        # successor. The latest listing is enough (a run gone from it does not come back).
+        self.seen_runs = {run.run_id for run in runs}
+        waiting = [
+            tracked
+            for tracked in self.tracked.values()
+            # Not running and past the handoff point: confirm. (HANDING_OFF/HANDED_OFF here
+            # means a step crashed on a store error after the handoff may have happened.)
+            if tracked.task is None
+            and tracked.attempt.step not in BEFORE_HANDOFF
+            and tracked.attempt.step is not AttemptStep.DONE
+        ]
+        if not waiting:
+            return
+        # Successors carry our tags: scan the fleet once per cycle, not once per attempt.
+        tagged = [
+            run
+            for run in runs
+            if TAG_LINEAGE in run.user_metadata or TAG_IDEMPOTENCY_KEY in run.user_metadata
+        ]
+        by_id = {run.run_id: run for run in runs}
+        for tracked in waiting:
+            recorded = tracked.attempt.successor_run_id
+            candidates = tagged
+            if recorded is not None:
+                found = by_id.get(recorded)
+                candidates = [found] if found is not None else []
+            await self._confirm(tracked, candidates, now)
 
     async def _confirm(self, tracked: Tracked, runs: Sequence[RunView], now: datetime) -> None:
         if tracked.handed_off_at is None:
