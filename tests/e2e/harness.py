@@ -159,6 +159,10 @@ class Emu:
 
 @contextmanager
 def emulator(runs: int = 4, **config: Any) -> Iterator[Emu]:
+    # Driven runs' last_request_time steps every request_interval_s. The default (30 s) would
+    # date a run created right after the daemon started to before its watch began, which the
+    # policy reads as "corrupted before anyone watched" (pre-existing).
+    config.setdefault("request_interval_s", 0.25)
     server = EmulatorServer(EmulatorConfig(runs=runs, seed=11, page_max=100, **config))
     with server:
         emu = Emu(server)
