@@ -265,6 +265,10 @@ def daemon_config(
                     "max_attempts": 1,
                     "backoff": {"base": "1s", "cap": "1s"},
                     "max_idle": None,
+                    # Emulated runs move last_request_time in 30 s steps, so a run corrupted
+                    # soon after the daemon started can look idle since before it watched
+                    # ("preexisting"). The benchmark times detection and handoff, not that rule.
+                    "recover_preexisting": True,
                     "checkpoint": {"min_ttl": "0s", "protect_ttl": None},
                     "restore": "none",
                     "handoff": "probe",

@@ -75,6 +75,18 @@ def _one_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     emu = procs.Emulator(runs=n, workdir=workdir, seed=args.seed)
     result: dict[str, Any] = {"n": n, "emulator_command": emu.command, "daemon": []}
     try:
+        # Before the repeats: the last repeat corrupts runs, and a later daemon would go on to
+        # recover them, adding per-run requests to its measured cycles.
+        if n in args.gc_sizes:
+            _say(f"N={n}: daemon run with the proposed GC tuning")
+            result["daemon_gc"] = scenarios.measure_watch(
+                emu,
+                workdir=workdir,
+                name=f"daemon-gc-{n}",
+                interval_s=interval_s,
+                cycles=args.cycles,
+                gc_tuned=True,
+            )
         for repeat in range(args.repeats):
             detect = n in args.detect_sizes and repeat == args.repeats - 1
             _say(f"N={n}: daemon run {repeat + 1}/{args.repeats} (interval {interval_s:g}s)")
@@ -92,16 +104,6 @@ def _one_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
                 f"N={n}: requests/cycle {sorted(set(figures['requests_per_cycle']))}, "
                 f"wall {figures['wall_s_median']:.3f}s, cpu {figures['cpu_s_per_cycle']:.3f}s, "
                 f"rss {figures['peak_rss_mb']:.0f}MB"
-            )
-        if n in args.gc_sizes:
-            _say(f"N={n}: daemon run with the proposed GC tuning")
-            result["daemon_gc"] = scenarios.measure_watch(
-                emu,
-                workdir=workdir,
-                name=f"daemon-gc-{n}",
-                interval_s=interval_s,
-                cycles=args.cycles,
-                gc_tuned=True,
             )
         if args.baseline_sizes is None or n in args.baseline_sizes:
             _say(f"N={n}: baseline ({args.baseline_cycles} cycles)")
