@@ -68,7 +68,10 @@ class Scrape:
 def recovered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     """The scrape of a daemon that has confirmed one recovery (module-scoped: ~10 s to make)."""
     workdir = tmp_path_factory.mktemp("live-scrape")
-    with EmulatorServer(EmulatorConfig(runs=FLEET, seed=5, page_max=100)) as emulator:
+    # Requests every 0.25 s: a run made just after the daemon started must not look idle since
+    # before the watch began (the policy would call its corruption pre-existing).
+    config = EmulatorConfig(runs=FLEET, seed=5, page_max=100, request_interval_s=0.25)
+    with EmulatorServer(config) as emulator:
         control = httpx.Client(
             base_url=emulator.base_url, headers={"X-API-Key": DAEMON_KEY}, timeout=10
         )
