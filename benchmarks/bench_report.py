@@ -166,7 +166,8 @@ def _detection_section(
         "= the handoff script's `time.time()` minus the timestamp of the event that confirmed the "
         "corruption (`decision=recover`: confirmed and attempt started in one decision).",
         "",
-        "The target bound uses the steady-state median cycle wall of that N (table above). "
+        "A separate daemon process per N, at this interval; the target bound uses the median "
+        "wall of its own steady cycles, measured before the first corruption. "
         "The last column shows the cycles of the detection phase itself, which run alongside "
         "the recovery attempts the corruptions start.",
         "",
@@ -175,11 +176,9 @@ def _detection_section(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
-        for run in size["daemon"]:
-            det = run.get("detection")
-            if not det:
-                continue
-            cycle = daemon_summary(size["daemon"])["wall_s"]
+        for run in [size["detection_run"]] if "detection_run" in size else []:
+            det = run["detection"]
+            cycle = run["wall_s_median"]  # its own steady cycles, before the first corruption
             bound = run["interval_s"] + cycle + 0.5
             lines.append(
                 f"| {size['n']:,} | {run['interval_s']:g} s | {det['corruptions']} | "

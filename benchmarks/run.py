@@ -29,6 +29,11 @@ def _sizes(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _interval(n: int, table: str) -> float:
+    steps = sorted((int(k), float(v)) for k, v in (x.split(":") for x in table.split(",")))
+    return next((seconds for size, seconds in steps if n <= size), steps[-1][1])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
@@ -37,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_sizes, default=[1000, 10000, 100000])
     parser.add_argument("--repeats", type=int, default=3, help="daemon runs per size")
     parser.add_argument("--cycles", type=int, default=8, help="measured cycles per daemon run")
-    parser.add_argument("--interval", type=float, default=1.0, help="poll interval, small N")
     parser.add_argument(
-        "--large-interval", type=float, default=5.0, help="poll interval for N > 10,000"
+        "--intervals",
+        default="1000:1,10000:2,100000:5",
+        help="watch-loop poll interval per size, N:seconds; a size uses the first entry >= N. "
+        "Each must exceed the cycle wall: an overrunning cycle starts the next at once, and its "
+        "requests could no longer be told apart",
     )
+    parser.add_argument("--detect-interval", type=float, default=1.0)
     parser.add_argument("--detect-sizes", type=_sizes, default=[1000, 10000])
     parser.add_argument(
         "--gc-sizes",
@@ -71,12 +80,10 @@ def _say(text: str) -> None:
 
 
 def _one_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    interval_s = args.interval if n <= 10000 else args.large_interval
+    interval_s = _interval(n, args.intervals)
     emu = procs.Emulator(runs=n, workdir=workdir, seed=args.seed)
     result: dict[str, Any] = {"n": n, "emulator_command": emu.command, "daemon": []}
     try:
-        # Before the repeats: the last repeat corrupts runs, and a later daemon would go on to
-        # recover them, adding per-run requests to its measured cycles.
         if n in args.gc_sizes:
             _say(f"N={n}: daemon run with the proposed GC tuning")
             result["daemon_gc"] = scenarios.measure_watch(
@@ -88,7 +95,6 @@ def _one_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
                 gc_tuned=True,
             )
         for repeat in range(args.repeats):
-            detect = n in args.detect_sizes and repeat == args.repeats - 1
             _say(f"N={n}: daemon run {repeat + 1}/{args.repeats} (interval {interval_s:g}s)")
             figures = scenarios.measure_watch(
                 emu,
@@ -96,14 +102,24 @@ def _one_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
                 name=f"daemon-{n}-{repeat}",
                 interval_s=interval_s,
                 cycles=args.cycles,
-                corruptions=args.corruptions if detect else 0,
-                rng=random.Random(args.seed + repeat),
             )
             result["daemon"].append(figures)
             _say(
                 f"N={n}: requests/cycle {sorted(set(figures['requests_per_cycle']))}, "
                 f"wall {figures['wall_s_median']:.3f}s, cpu {figures['cpu_s_per_cycle']:.3f}s, "
                 f"rss {figures['peak_rss_mb']:.0f}MB"
+            )
+        if n in args.detect_sizes:
+            # Last of the daemon runs: it corrupts runs, which any later daemon would recover.
+            _say(f"N={n}: detection, {args.corruptions} corruptions at {args.detect_interval:g}s")
+            result["detection_run"] = scenarios.measure_watch(
+                emu,
+                workdir=workdir,
+                name=f"detect-{n}",
+                interval_s=args.detect_interval,
+                cycles=args.cycles,
+                corruptions=args.corruptions,
+                rng=random.Random(args.seed),
             )
         if args.baseline_sizes is None or n in args.baseline_sizes:
             _say(f"N={n}: baseline ({args.baseline_cycles} cycles)")

@@ -74,7 +74,9 @@ def test_every_corruption_is_detected_and_handed_off_once(
     bench: tuple[dict[str, Any], str],
 ) -> None:
     figures, _ = bench
-    detection = figures["sizes"][0]["daemon"][-1]["detection"]
+    run = figures["sizes"][0]["detection_run"]
+    assert run["requests_per_cycle"] == [PAGES] * CYCLES  # steady cycles, before corrupting
+    detection = run["detection"]
     assert detection["corruptions"] == detection["detected"] == CORRUPTIONS
     assert detection["handed_off"] == CORRUPTIONS
     assert all(_is_duration(x) for x in detection["latency_s"])
