@@ -2,8 +2,8 @@
 
 `Emu` drives the emulator's control API (create, corrupt, faults, request counts). `DaemonProc`
 runs `python -m tinker_recovery run --config FILE` with a config built by `daemon_config`, reads
-its JSON log lines, its HTTP endpoints and its SQLite store. `handoff_argv` is a tiny `command`
-handoff that appends one JSON line per call, so tests can count handoffs per idempotency key.
+its JSON log lines, its HTTP endpoints and its SQLite store. Its `command` handoffs run
+handoff_job.py, which logs one JSON line per call (tests count handoffs per idempotency key).
 Every wait is bounded and fails with what it was waiting for and the daemon's last log lines.
 """
 
@@ -39,27 +39,7 @@ JOB_KEY = "tml-e2e-job-key"  # what the test itself uses against the Tinker API
 POLL_S = 0.3
 WAIT_S = 20.0
 
-_HANDOFF_SCRIPT = """\
-import json, os, sys, time
-log_path, mode = sys.argv[1], sys.argv[2]
-row = {"time": time.time(), "mode": mode, "argv": sys.argv[3:]}
-row.update({k: v for k, v in os.environ.items() if k.startswith("TINKER_RECOVERY_")})
-if mode == "job":  # resume the way a training job would, save once, and stop
-    import tinker
-    service = tinker.ServiceClient()
-    client = service.create_training_client_from_state_with_optimizer(
-        os.environ["TINKER_RECOVERY_CHECKPOINT"],
-        user_metadata=json.loads(os.environ["TINKER_RECOVERY_USER_METADATA"]),
-    ).result()
-    row["successor"] = client.model_id
-    row["saved"] = client.save_state("e2e-resumed").result().path
-    service.close("success")
-with open(log_path, "a") as out:
-    out.write(json.dumps(row) + "\\n")
-# os._exit: the SDK's threads now and then abort the interpreter's finalisation (SIGABRT
-# after all the work is done), which would read as a failed handoff.
-os._exit(1 if mode == "fail" else 0)
-"""
+HANDOFF_JOB = Path(__file__).with_name("handoff_job.py")
 
 
 def free_port() -> int:
@@ -116,10 +96,6 @@ class Emu:
             run.corrupted_at = None
             run.touch()
 
-    def run(self, run_id: str) -> dict[str, Any]:
-        row: dict[str, Any] = self._json("GET", f"/_emulator/runs/{run_id}")
-        return row
-
     def all_runs(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self._json("GET", "/_emulator/runs?limit=10000")["runs"]
         return rows
@@ -144,9 +120,6 @@ class Emu:
 
     def add_fault(self, **spec: Any) -> int:
         return int(self._json("POST", "/_emulator/faults", spec)["id"])
-
-    def clear_faults(self) -> None:
-        self._json("DELETE", "/_emulator/faults")
 
     def requests(self) -> dict[str, Any]:
         counts: dict[str, Any] = self._json("GET", "/_emulator/requests")
@@ -176,13 +149,11 @@ def handoffs(emu: Emu, log_path: Path) -> dict[str, Any]:
     """Three `command` handoffs logging to `log_path`: `job` resumes the run with the SDK (so
     a successor appears and progresses), `log` only records the call, `fail` records it and
     exits 1."""
-    script = log_path.with_suffix(".py")
-    script.write_text(_HANDOFF_SCRIPT)
     job_env = {"TINKER_BASE_URL": emu.base_url, "TINKER_API_KEY": JOB_KEY, "TINKER_TELEMETRY": "0"}
     return {
         mode: {
             "type": "command",
-            "argv": [sys.executable, str(script), str(log_path), mode, "{checkpoint}"],
+            "argv": [sys.executable, str(HANDOFF_JOB), str(log_path), mode, "{checkpoint}"],
             "timeout": "20s",
             "env": job_env,
         }
@@ -438,7 +409,3 @@ def _with_store(workdir: Path, read: Callable[[Store], Awaitable[T]]) -> T:
     # in a state that later leaks an unclosed loop (an error under filterwarnings=error).
     with concurrent.futures.ThreadPoolExecutor(1) as worker:
         return worker.submit(asyncio.run, go()).result()
-
-
-def decisions(events: list[Event]) -> list[str]:
-    return [str(e.data.get("decision")) for e in events if e.kind == "decision"]
