@@ -282,9 +282,17 @@ class Executor:
         if rule.handoff is None:
             if restored_run is None:
                 raise AttemptFinished(AttemptOutcome.FAILED, "no handoff configured")
-            # Nothing to hand off to: the run the SDK restore created is the successor.
+            # Restore-only: the run the SDK restore created is the successor, and its one
+            # save_state is the proof that it loads and works. Nothing of ours drives it
+            # further, so waiting for more progress would fail every time: it succeeds here.
             await self._handed_off(
                 tracked, "restored run is the successor", hand_off_path, restored_run, **found
+            )
+            await self._ledger.finish(
+                tracked,
+                AttemptOutcome.SUCCEEDED,
+                f"restored into {restored_run} and saved {hand_off_path}; no handoff "
+                "configured, so the job must resume from it",
             )
             return
         action = self._handoffs.get(rule.handoff)
