@@ -54,9 +54,9 @@ def start_client(
     if restore_optimizer:
         client = service.create_training_client_from_state_with_optimizer(
             path, user_metadata=metadata
-        )
+        ).result()
     else:
-        client = service.create_training_client_from_state(path, user_metadata=metadata)
+        client = service.create_training_client_from_state(path, user_metadata=metadata).result()
     with (args.log_path / "runs.txt").open("a") as runs:
         runs.write(f"{client.model_id}\n")  # lets a launcher find the job by its run id
     print(f"[{args.name}] resumed from {path} at step {step} as {client.model_id}", flush=True)
