@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import signal
 import socket
 import stat
@@ -40,11 +41,19 @@ class ImageRoot:
     venv: Path
 
     def remap(self, text: str) -> str:
-        """Rewrite image paths in argv, env values and config text to paths under `root`."""
-        text = text.replace("/opt/venv", str(self.venv))
-        for prefix in ("/etc/tinker-recovery", "/run/secrets", *SPEC.volumes, "/tmp"):
-            text = text.replace(prefix, f"{self.root}{prefix}")
-        return text
+        """Rewrite image paths in argv, env values and config text to paths under `root`.
+
+        One pass, anchored at the start of a path: a substituted path (the fake root and the
+        host venv may both live under /tmp) is never rewritten a second time."""
+        prefixes = ("/opt/venv", "/etc/tinker-recovery", "/run/secrets", *SPEC.volumes, "/tmp")
+        alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![\w.-])(?:{alternatives})(?![\w.-])")
+
+        def into_root(found: re.Match[str]) -> str:
+            prefix = found.group(0)
+            return str(self.venv) if prefix == "/opt/venv" else f"{self.root}{prefix}"
+
+        return pattern.sub(into_root, text)
 
     def path(self, image_path: str) -> Path:
         return Path(self.remap(image_path))
