@@ -11,17 +11,27 @@ itself, only its scheme or a password-free form, so a DSN password cannot leak i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from tinker_recovery.errors import ConfigError
 from tinker_recovery.shell.clock import Clock
 
 from .base import Store
-from .postgres import PostgresStore
 from .sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
+
+
+def __getattr__(name: str) -> Any:
+    # psycopg costs ~9 MB of memory: load it only for deployments that use PostgreSQL.
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(name)
+
 
 __all__ = ["PostgresStore", "SqliteStore", "Store", "open_store", "redact_url"]
 
@@ -40,6 +50,8 @@ def open_store(url: str | None, *, clock: Clock, state_directory: str | None) ->
         return SqliteStore(_sqlite_path(url), clock=clock)
     if scheme in _PG_SCHEMES:
         _check_postgres_url(url)
+        from .postgres import PostgresStore
+
         return PostgresStore(url, clock=clock)
     raise ConfigError(
         f"unsupported state URL scheme {scheme!r}: use sqlite:///PATH or postgresql://..."
@@ -47,6 +59,9 @@ def open_store(url: str | None, *, clock: Clock, state_directory: str | None) ->
 
 
 def _check_postgres_url(url: str) -> None:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
         params = conninfo_to_dict(url)  # libpq's own parser: what the driver will see
     except psycopg.Error as exc:
