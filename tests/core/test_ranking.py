@@ -310,3 +310,23 @@ def test_judge_progress_after_sdk_restore_counts_only_checkpoints_after_the_hand
     sdk = replace(ATTEMPT, handed_off_path="tinker://restored-1/weights/recovery-1")
     assert not ranking.judge_progress(sdk, newer_checkpoint(-60), handed_off_at=NOW).checkpointed
     assert ranking.judge_progress(sdk, newer_checkpoint(60), handed_off_at=NOW).checkpointed
+
+
+@pytest.mark.parametrize(
+    ("first_seen_s", "now_s", "requested"),
+    [
+        pytest.param(-30, -20, True, id="later-request-than-first-seen"),
+        pytest.param(-30, -30, False, id="same-request-as-first-seen"),
+        pytest.param(None, -20, False, id="no-earlier-sighting"),
+    ],
+)
+def test_progress_survives_a_service_clock_behind_ours(
+    first_seen_s: float | None, now_s: float, requested: bool
+) -> None:
+    # The service's clock runs 60 s behind ours: every request looks older than the handoff.
+    first_seen = None if first_seen_s is None else NOW + timedelta(seconds=first_seen_s)
+    successor = listed("s", active_s=now_s)
+    progress = ranking.judge_progress(
+        ATTEMPT, successor, handed_off_at=NOW, first_seen_request=first_seen
+    )
+    assert progress.requested is requested

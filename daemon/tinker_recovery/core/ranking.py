@@ -169,9 +169,22 @@ class Progress:
         return self.requested or self.checkpointed
 
 
-def judge_progress(attempt: Attempt, successor: RunView, *, handed_off_at: datetime) -> Progress:
-    """Has the successor moved since the handoff?"""
-    requested = successor.last_request_time > handed_off_at
+def judge_progress(
+    attempt: Attempt,
+    successor: RunView,
+    *,
+    handed_off_at: datetime,
+    first_seen_request: datetime | None = None,
+) -> Progress:
+    """Has the successor moved since the handoff?
+
+    `handed_off_at` is the daemon's clock and the run's times are the service's: if the two
+    disagree by more than the job's start-up, the first test can miss. A later request than
+    the one seen on an earlier poll (`first_seen_request`, same clock) is progress regardless.
+    """
+    requested = successor.last_request_time > handed_off_at or (
+        first_seen_request is not None and successor.last_request_time > first_seen_request
+    )
     checkpoint = successor.last_checkpoint
     # With `restore: sdk` the handed-off checkpoint was saved just before the handoff, so "newer"
     # means newer than the handoff; otherwise newer than the checkpoint the job resumed from.

@@ -75,6 +75,9 @@ class Tracked:
     exclude: set[str]  # runs that cannot be the successor (they existed before the attempt)
     handed_off_at: datetime | None = None
     task: asyncio.Task[None] | None = None
+    # The successor's last request when this process first saw it: later requests are
+    # progress whatever the skew between our clock and the service's.
+    first_seen_request: datetime | None = None
 
     @property
     def deadline(self) -> datetime | None:
@@ -305,8 +308,13 @@ class Ledger:
             )
         if successor is not None:
             progress = ranking.judge_progress(
-                tracked.attempt, successor, handed_off_at=tracked.handed_off_at
+                tracked.attempt,
+                successor,
+                handed_off_at=tracked.handed_off_at,
+                first_seen_request=tracked.first_seen_request,
             )
+            if tracked.first_seen_request is None:
+                tracked.first_seen_request = successor.last_request_time
             if progress.confirmed:
                 what = "saved a newer checkpoint" if progress.checkpointed else "sent requests"
                 await self.finish(
