@@ -23,7 +23,6 @@ from tinker_recovery.core import policy as core_policy
 from tinker_recovery.core import rules as core_rules
 from tinker_recovery.core.model import (
     TAG_LINEAGE,
-    Attempt,
     Decision,
     Lineage,
     LineageState,
@@ -31,7 +30,7 @@ from tinker_recovery.core.model import (
 )
 from tinker_recovery.errors import RecoveryError, RemoteRejected, RemoteUnavailable
 from tinker_recovery.obs.metrics import Metrics
-from tinker_recovery.settings import PolicySettings, PollSettings, Rule
+from tinker_recovery.settings import PolicySettings, PollSettings
 from tinker_recovery.shell import manual
 from tinker_recovery.shell.clock import Clock
 from tinker_recovery.shell.store.base import Event, Store
@@ -55,18 +54,8 @@ class RunSource(Protocol):
     async def list_runs(self) -> list[RunView]: ...
 
 
-class AttemptRunner(Protocol):
-    async def start(
-        self,
-        lineage: Lineage,
-        run: RunView,
-        rule: Rule,
-        *,
-        tg: asyncio.TaskGroup,
-        checkpoint: str | None = None,
-    ) -> Attempt: ...
-
-    def busy(self, lineage_id: str) -> bool: ...
+class AttemptRunner(manual.Starter, Protocol):
+    """The executor as the poller uses it (`start` and `busy` come from manual.Starter)."""
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None: ...
 
