@@ -16,6 +16,7 @@ from tinker_recovery.core.model import Attempt, Lineage, LineageState
 from tinker_recovery.shell.clock import SystemClock
 from tinker_recovery.shell.store import open_store
 from tinker_recovery.shell.store.base import Event, Store
+from tinker_recovery.shell.store.sqlite import SqliteStore
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ async def execute(
 ) -> Result:
     clock = SystemClock()
     store = open_store(url, clock=clock, state_directory=state_directory)
+    if isinstance(store, SqliteStore) and not store.path.exists():
+        # Opening would create an empty store and report "nothing here", which hides a wrong
+        # path; the daemon creates the store, the CLI only reads and queues.
+        text = f"no state store at {store.path}: pass the daemon's --state URL or --config\n"
+        return Result(text, {"error": f"no state store at {store.path}"}, exit_code=1)
     await store.open()
     try:
         who = f"cli:{getpass.getuser()}"

@@ -18,6 +18,9 @@ from tinker_recovery.shell.store import PostgresStore, SqliteStore, open_store, 
         pytest.param(None, "/var/lib/tr", Path("/var/lib/tr/state.db"), id="systemd-dir"),
         pytest.param("", "/var/lib/tr", Path("/var/lib/tr/state.db"), id="empty-is-default"),
         pytest.param("sqlite:///srv/state/x.db", None, Path("/srv/state/x.db"), id="absolute"),
+        pytest.param(
+            "sqlite:////srv/state/x.db", None, Path("/srv/state/x.db"), id="absolute-4-slashes"
+        ),
         pytest.param("sqlite:data/x.db", "/ignored", Path("data/x.db"), id="relative"),
         pytest.param("SQLITE:///a%20b.db", None, Path("/a b.db"), id="scheme-case-and-quoting"),
     ],

@@ -83,6 +83,8 @@ def _sqlite_path(url: str) -> Path:
     path = unquote(rest.split("?", 1)[0])
     if not path or path.endswith("/"):
         raise ConfigError("sqlite state URL names no database file")
+    if path.startswith("//"):  # sqlite:////abs/path, as f"sqlite:///{absolute}" spells it
+        path = "/" + path.lstrip("/")
     return Path(path)
 
 
