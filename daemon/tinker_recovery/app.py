@@ -21,7 +21,7 @@ import httpx
 import structlog
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from tinker_recovery import __version__
+from tinker_recovery import __version__, operator
 from tinker_recovery.core.model import LineageState
 from tinker_recovery.errors import ConfigError, RecoveryError
 from tinker_recovery.obs import logs
@@ -385,23 +385,9 @@ async def status_document(daemon: Daemon) -> dict[str, Any]:
         "incident_breaker_open": daemon.poller.breaker_open,
         "holds": sorted(h or "*" for h in await daemon.store.holds()),
         "lineages": [
-            {
-                "lineage_id": lineage.lineage_id,
-                "state": lineage.state.value,
-                "reason": lineage.reason,
-                "current_run_id": lineage.current_run_id,
-                "root_run_id": lineage.root_run_id,
-                "attempts_total": lineage.attempts_total,
-                "next_attempt_at": _iso(lineage.next_attempt_at),
-                "detected_at": _iso(lineage.detected_at),
-                "updated_at": _iso(lineage.updated_at),
-            }
+            operator.lineage_dict(lineage)
             for lineage in lineages
             if lineage.state is not LineageState.HEALTHY or lineage.attempts_total
         ],
         "in_flight": daemon.executor.snapshot(),
     }
-
-
-def _iso(value: Any) -> str | None:
-    return None if value is None else str(value.isoformat())

@@ -10,6 +10,7 @@ import argparse
 import getpass
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from tinker_recovery.core.model import Attempt, Lineage, LineageState
@@ -66,10 +67,14 @@ def lineage_dict(lineage: Lineage) -> dict[str, Any]:
         "root_run_id": lineage.root_run_id,
         "current_run_id": lineage.current_run_id,
         "attempts_total": lineage.attempts_total,
-        "detected_at": lineage.detected_at,
-        "next_attempt_at": lineage.next_attempt_at,
-        "updated_at": lineage.updated_at,
+        "detected_at": _iso(lineage.detected_at),
+        "next_attempt_at": _iso(lineage.next_attempt_at),
+        "updated_at": _iso(lineage.updated_at),
     }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 async def _status(store: Store) -> Result:

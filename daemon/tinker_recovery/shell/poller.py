@@ -324,7 +324,10 @@ class Poller:
         return started
 
     async def _record(self, decision: Decision, run: RunView | None) -> None:
-        previous = await self._store.get_lineage(decision.lineage.lineage_id)
+        # Compare with what the policy decided from (read once this cycle), not a fresh read:
+        # an unchanged lineage is never written back, so an executor transition made during
+        # the cycle cannot be overwritten by the copy the policy saw.
+        previous = self._known.get(decision.lineage.lineage_id)
         if previous == decision.lineage:
             return
         event = Event(
