@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tinker
 
@@ -100,10 +100,20 @@ def main() -> int:
                     )
     except tinker.TinkerError as exc:
         print(f"[{args.name}] training failed at step {step}: {exc}", file=sys.stderr, flush=True)
-        service.close("errored")
+        finish(service, "errored")
         return 1
-    service.close("success")
+    finish(service, "success")
     return 0
+
+
+def finish(service: tinker.ServiceClient, status: Literal["success", "errored"]) -> None:
+    """End the session and wait for it: `close` returns a future. Leaving with the SDK's
+    requests still in flight can abort the interpreter at exit (SIGABRT from its Rust HTTP
+    transport), which a supervisor reads as a crash after all the work was done."""
+    try:
+        service.close(status).result(timeout=30)
+    except (tinker.TinkerError, TimeoutError) as exc:
+        print(f"closing the session failed: {exc}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,15 @@ class ActionFailed(RecoveryError):
         action: str,
         exit_code: int | None = None,
         checkpoint_at_fault: bool = False,
+        may_have_acted: bool = True,
     ) -> None:
         super().__init__(message)
         self.action = action
         self.exit_code = exit_code
+        # False only when the action certainly did nothing outside (a command that could not be
+        # started, a webhook the receiver refused outright). A handoff that failed any other way
+        # may still have started the job, so the executor watches for its successor first.
+        self.may_have_acted = may_have_acted
         # True when the service refused the checkpoint itself (a restore from it failed as a
         # user error): the next attempt must not pick it again.
         self.checkpoint_at_fault = checkpoint_at_fault

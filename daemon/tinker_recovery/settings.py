@@ -157,6 +157,11 @@ class Rule(_Group):
     confirm_deadline: PositiveDuration = Field(
         900.0, description="the successor must appear and progress within this"
     )
+    handoff_grace: Duration = Field(
+        30.0,
+        description="after a failed handoff, watch this long for a successor it may have "
+        "started anyway before failing the attempt (0: fail at once)",
+    )
 
 
 class BreakerSettings(_Group):

@@ -31,7 +31,7 @@ def main() -> int:
         ).result()
         row["successor"] = client.model_id
         row["saved"] = client.save_state("e2e-resumed").result().path
-        service.close("success")
+        service.close("success").result()
     with open(log_path, "a") as out:
         out.write(json.dumps(row) + "\n")
     return 1 if mode == "fail" else 0

@@ -180,6 +180,7 @@ def rule(name: str, label: str, **knobs: Any) -> dict[str, Any]:
         "restore": "none",
         "handoff": "job",
         "confirm_deadline": "20s",
+        "handoff_grace": "1s",
     }
     body.update(knobs)
     return body

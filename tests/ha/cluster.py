@@ -67,7 +67,7 @@ client = service.create_training_client_from_state_with_optimizer(
 ).result()
 row["successor"] = client.model_id
 row["saved"] = client.save_state("ha-resumed").result().path
-service.close("success")
+service.close("success").result()
 row["time"] = time.time()
 with open(done_log, "a") as out:
     out.write(json.dumps(row) + "\\n")

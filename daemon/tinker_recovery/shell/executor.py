@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
@@ -318,8 +318,11 @@ class Executor:
             )
             self._ledger.forget(tracked)
             return
-        await self._hand_off(tracked, action, hand_off_path, tags)
+        failure = await self._hand_off(tracked, action, hand_off_path, tags)
         failpoints.hit("executor.handoff_returned")
+        if failure is not None:
+            await self._watch_for_late_successor(tracked, failure)
+            return
         await self._handed_off(tracked, f"handed off via {rule.handoff}", hand_off_path, None)
 
     async def _prepare(
@@ -502,7 +505,9 @@ class Executor:
         action: HandoffAction,
         tinker_path: str,
         tags: Mapping[str, str],
-    ) -> None:
+    ) -> ActionFailed | None:
+        """Run the handoff. A failure that may still have started the job is returned for
+        `_watch_for_late_successor`; one that certainly did nothing ends the attempt."""
         attempt = tracked.attempt
         request = HandoffRequest(
             lineage_id=attempt.lineage_id,
@@ -526,8 +531,27 @@ class Executor:
                 exit_code=exc.exit_code,
                 reason=str(exc),
             )
-            raise AttemptFinished(AttemptOutcome.FAILED, f"handoff failed: {exc}") from exc
+            if not exc.may_have_acted or tracked.rule.handoff_grace <= 0:
+                raise AttemptFinished(AttemptOutcome.FAILED, f"handoff failed: {exc}") from exc
+            return exc
         self._metrics.handoffs.labels(type=action.kind, outcome="succeeded").inc()
+        return None
+
+    async def _watch_for_late_successor(self, tracked: rec.Tracked, exc: ActionFailed) -> None:
+        """The handoff reported a failure, but it may have started the job first: a command that
+        crashed on its way out, a webhook whose answer was lost. Handing off again at once could
+        run the job twice, so the attempt waits `handoff_grace` for a successor carrying its key
+        (the ledger's `observe` decides) and fails only if none appears."""
+        grace_s = tracked.rule.handoff_grace
+        tracked.handoff_failure = f"handoff failed: {exc}"
+        tracked.grace_ends = self._clock.now() + timedelta(seconds=grace_s)
+        await self._ledger.record(
+            tracked,
+            AttemptStep.CONFIRMING,
+            f"{tracked.handoff_failure}; watching {grace_s:g}s for a successor it may have started",
+        )
+        if tracked.handed_off_at is None:
+            tracked.handed_off_at = tracked.attempt.updated_at
 
     async def _handed_off(
         self,

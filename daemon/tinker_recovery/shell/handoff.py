@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import random
+import signal
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ class CommandAction:
             raise ActionFailed(
                 f"handoff command {argv[0]!r} could not start: {exc.strerror or exc}",
                 action="handoff",
+                may_have_acted=False,
             ) from exc
         if result.timed_out:
             raise ActionFailed(
@@ -205,11 +207,21 @@ class CommandAction:
         if result.exit_code != 0:
             tail = result.stderr_tail.strip()[-300:]
             raise ActionFailed(
-                f"handoff command {argv[0]!r} exited {result.exit_code}: {tail}",
+                f"handoff command {argv[0]!r} {_how_it_ended(result.exit_code)}: {tail}",
                 action="handoff",
                 exit_code=result.exit_code,
             )
         return f"command {argv[0]!r} exited 0 in {result.duration_s:.1f}s"
+
+
+def _how_it_ended(exit_code: int | None) -> str:
+    """'exited 3', or 'was killed by SIGABRT' for a negative (signal) exit code."""
+    if exit_code is None or exit_code >= 0:
+        return f"exited {exit_code}"
+    try:
+        return f"was killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"was killed by signal {-exit_code}"
 
 
 # ---- webhook ----------------------------------------------------------------------------
@@ -315,6 +327,7 @@ class WebhookAction:
             f"webhook {self._where} refused the handoff: HTTP {status}",
             action="handoff",
             exit_code=None,
+            may_have_acted=False,
         )
 
 

@@ -78,6 +78,11 @@ class Tracked:
     # The successor's last request when this process first saw it: later requests are
     # progress whatever the skew between our clock and the service's.
     first_seen_request: datetime | None = None
+    # Set when the handoff reported a failure that may still have started the job: without a
+    # successor by `grace_ends` (and two listings made after the failure) the attempt fails.
+    handoff_failure: str | None = None
+    grace_ends: datetime | None = None
+    listings_since_failure: int = 0
 
     @property
     def deadline(self) -> datetime | None:
@@ -299,10 +304,11 @@ class Ledger:
             tracked.handed_off_at = tracked.attempt.updated_at
         successor = ranking.find_successor(tracked.attempt, runs, exclude=tracked.exclude)
         if successor is not None and tracked.attempt.successor_run_id is None:
+            late = " although the handoff reported a failure" if tracked.handoff_failure else ""
             await self.record(
                 tracked,
                 AttemptStep.CONFIRMING,
-                f"successor {successor.run_id} appeared",
+                f"successor {successor.run_id} appeared{late}",
                 at=now,
                 successor_run_id=successor.run_id,
             )
@@ -325,11 +331,28 @@ class Ledger:
                     progressed=progress.checkpointed,
                 )
                 return
+        if successor is None and await self._grace_over(tracked, now):
+            return
         deadline = tracked.deadline
         if deadline is not None and now >= deadline:
             why = "made no progress" if successor is not None else "never appeared"
             reason = f"successor {why} before the confirm deadline"
+            if tracked.handoff_failure is not None:
+                reason = f"{tracked.handoff_failure}; {reason}"
             await self.finish(tracked, AttemptOutcome.FAILED, reason, now=now)
+
+    async def _grace_over(self, tracked: Tracked, now: datetime) -> bool:
+        """After a failed handoff with no successor in sight: fail the attempt once the grace
+        has passed. The listing in flight when the handoff failed may predate the job's run, so
+        it takes a second listing, surely made after the failure, as well as the time."""
+        if tracked.handoff_failure is None or tracked.grace_ends is None:
+            return False
+        tracked.listings_since_failure += 1
+        if tracked.listings_since_failure < 2 or now < tracked.grace_ends:
+            return False
+        reason = f"{tracked.handoff_failure}; no successor appeared after it"
+        await self.finish(tracked, AttemptOutcome.FAILED, reason, now=now)
+        return True
 
     # start-up ----------------------------------------------------------------------------------
 

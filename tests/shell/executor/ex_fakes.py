@@ -262,6 +262,7 @@ class FakeHandoff:
         self.starts_job = starts_job
         self.requests: list[HandoffRequest] = []
         self.error: Exception | None = None  # ActionFailed, or whatever a broken action raises
+        self.error_after_start = False  # raise `error` only after starting the job (a late crash)
         self.block: asyncio.Event | None = None  # set: hand_off waits on it (for drain tests)
         self.entered = asyncio.Event()  # hand_off has begun
 
@@ -271,10 +272,12 @@ class FakeHandoff:
         if self.block is not None:
             await self.block.wait()
         self.requests.append(request)
-        if self.error is not None:
+        if self.error is not None and not self.error_after_start:
             raise self.error
         if self.starts_job:
             self.fleet.add_run(f"succ-{len(self.requests)}", request.user_metadata)
+        if self.error is not None:
+            raise self.error
         self.switch.tick("handoff_returned")
         return "started"
 

@@ -287,9 +287,11 @@ async def test_no_handoff_and_no_restore_fails(world: World) -> None:
     assert (stored.outcome, stored.reason) == (AttemptOutcome.FAILED, "no handoff configured")
 
 
-async def test_handoff_failure_fails_the_attempt_and_lineage_waits(world: World) -> None:
+async def test_a_handoff_that_surely_did_nothing_fails_at_once_and_lineage_waits(
+    world: World,
+) -> None:
     world.gateway.checkpoints[RUN_ID] = [ckpt("030", age_s=60)]
-    world.handoff.error = ActionFailed("exit 3", action="command", exit_code=3)
+    world.handoff.error = ActionFailed("not found", action="handoff", may_have_acted=False)
     current = await seed(world)
 
     with capture_logs() as logs:

@@ -117,6 +117,7 @@ async def test_megabyte_value_fails_cleanly_without_running(tmp_path: Path) -> N
     with pytest.raises(ActionFailed, match="could not start") as caught:
         await run_recorder(tmp_path, request(user_metadata={"k": huge}))
     assert caught.value.action == "handoff"
+    assert caught.value.may_have_acted is False  # nothing ran: the executor may fail at once
     assert os.listdir(tmp_path) == []
 
 
@@ -160,6 +161,15 @@ async def test_nonzero_exit_is_action_failed_with_exit_code() -> None:
     with pytest.raises(ActionFailed, match="quota exceeded") as caught:
         await command([sys.executable, "-c", code]).hand_off(request())
     assert caught.value.exit_code == 7
+    assert caught.value.may_have_acted is True  # it ran: it may have started the job first
+
+
+async def test_a_command_killed_by_a_signal_says_which() -> None:
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"
+    with pytest.raises(ActionFailed, match="was killed by SIGABRT") as caught:
+        await command([sys.executable, "-c", code]).hand_off(request())
+    assert caught.value.exit_code == -6
+    assert caught.value.may_have_acted is True
 
 
 class TimingOutRunner:

@@ -115,13 +115,15 @@ async def test_retries_are_bounded() -> None:
     assert len(receiver.seen) == 3
     assert len(clock.sleeps) == 2
     assert "T0KEN-IN-PATH" not in str(caught.value)  # URLs can carry tokens: host only
+    assert caught.value.may_have_acted is True  # a 500 may come after the job was started
 
 
 async def test_4xx_fails_at_once() -> None:
     receiver = Receiver([JSONResponse({"error": "unknown lineage"}, status_code=422)])
     action, clock = webhook(receiver)
-    with pytest.raises(ActionFailed, match="HTTP 422"):
+    with pytest.raises(ActionFailed, match="HTTP 422") as caught:
         await action.hand_off(request())
+    assert caught.value.may_have_acted is False  # refused outright: no successor to wait for
     assert len(receiver.seen) == 1
     assert clock.sleeps == []
 
