@@ -350,17 +350,17 @@ class Executor:
                 "checkpoint_path": chosen.tinker_path,
                 "checkpoint_time": chosen.time,
             }
-            if rule.checkpoint.protect_ttl is not None:
-                ttl_s = int(rule.checkpoint.protect_ttl)
-                await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
-                await self._protect(tracked, chosen.tinker_path, ttl_s)
             if rule.restore != "sdk":
+                await self._protect(tracked, chosen, **found)
                 return chosen, chosen.tinker_path, None
             await self._ledger.record(
                 tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
             )
             result = await self._restore(tracked, chosen, tags)
             if result is not None:
+                # Protected only once the restore proved it: an unloadable checkpoint keeps its
+                # TTL. It was checked to outlive min_ttl, which covers the restore's seconds.
+                await self._protect(tracked, chosen, **found)
                 return chosen, result.saved_path, result.new_run_id
             if override is not None:  # the operator's choice failed; there is no fallback
                 raise AttemptFinished(
@@ -462,7 +462,13 @@ class Executor:
                 ) from exc
         return found
 
-    async def _protect(self, tracked: rec.Tracked, tinker_path: str, ttl_s: int) -> None:
+    async def _protect(self, tracked: rec.Tracked, chosen: CheckpointView, **found: Any) -> None:
+        """Extend the chosen checkpoint's TTL to the rule's protect_ttl, if it sets one."""
+        if tracked.rule.checkpoint.protect_ttl is None:
+            return
+        ttl_s = int(tracked.rule.checkpoint.protect_ttl)
+        tinker_path = chosen.tinker_path
+        await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
         try:
             await self._gateway.set_checkpoint_ttl(tinker_path, ttl_s)
         except (RemoteUnavailable, RemoteRejected) as exc:

@@ -254,6 +254,8 @@ async def test_checkpoint_the_service_cannot_restore_falls_back_to_an_older_one(
     assert stored.checkpoint_path == older.tinker_path
     assert only(world.handoff.requests).checkpoint_path.startswith("tinker://restored-")
     assert world.sample("checkpoints_rejected_total", reason="unloadable") == 1
+    # Only the checkpoint the restore proved gets the longer TTL, not the unloadable one.
+    assert world.gateway.ttl_calls == [(older.tinker_path, 86400)]
 
 
 async def test_restore_sdk_without_handoff_makes_the_restored_run_the_successor(
@@ -358,8 +360,8 @@ async def test_every_step_is_recorded_before_it_is_taken(world: World) -> None:
     assert steps == [
         "created",
         "selecting",
-        "protecting",
         "restoring",
+        "protecting",
         "handing_off",
         "handed_off",
         "confirming",
