@@ -47,6 +47,18 @@ def parse_duration_s(value: object) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """The inverse of parse_duration_s, in the largest unit that is exact: 1d, 15m, 30s, 250ms."""
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _UNIT_S[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    millis = seconds * 1000
+    if 0 < seconds < 1 and millis == int(millis):
+        return f"{int(millis)}ms"
+    return f"{seconds:g}s"
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration_s)]
 
 

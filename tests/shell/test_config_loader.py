@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from tinker_recovery import settings
 from tinker_recovery.errors import ConfigError
 from tinker_recovery.obs import logs
 from tinker_recovery.settings import TinkerSettings
@@ -172,7 +173,42 @@ def test_example_config_loads_and_renders(tmp_path: Path) -> None:
     cfg = config_loader.load_settings(EXAMPLE, env={})
     assert {"restart_unit", "notify_scheduler", "in_process"} <= set(cfg.handoffs)
     assert [rule.name for rule in cfg.policy.rules][-1] == "default"
-    assert yaml.safe_load(config_loader.render_effective(cfg))["poll"]["interval"] == 30.0
+    shown = yaml.safe_load(config_loader.render_effective(cfg))
+    assert shown["poll"]["interval"] == "30s"  # durations as the file writes them
+    rules = {rule["name"]: rule for rule in shown["policy"]["rules"]}
+    assert rules["default"]["confirm_deadline"] == "15m"
+    assert rules["default"]["checkpoint"]["protect_ttl"] == "1d"
+    assert rules["default"]["checkpoint"]["max_age"] is None
+    assert shown["tinker"]["retry_base_delay"] == "200ms"
+
+
+def test_the_rendered_config_loads_back_to_the_same_settings(tmp_path: Path) -> None:
+    cfg = config_loader.load_settings(EXAMPLE, env={})
+    again = config_loader.load_settings(
+        _write(tmp_path, config_loader.render_effective(cfg)), env={}
+    )
+    assert again.model_dump() == cfg.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (86400.0, "1d"),
+        (7200.0, "2h"),
+        (900.0, "15m"),
+        (90.0, "90s"),
+        (30.0, "30s"),
+        (1.5, "1.5s"),
+        (0.25, "250ms"),
+        (0.0, "0s"),
+        (0.0001, "0.0001s"),
+    ],
+)
+def test_durations_format_in_the_largest_exact_unit_and_parse_back(
+    seconds: float, text: str
+) -> None:
+    assert settings.format_duration(seconds) == text
+    assert settings.parse_duration_s(text) == seconds
 
 
 def test_committed_schema_matches_the_generated_one() -> None:

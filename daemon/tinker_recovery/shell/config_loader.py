@@ -20,10 +20,11 @@ import sys
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 from pydantic_settings import (
@@ -297,11 +298,30 @@ def _secret_values(model: BaseModel) -> list[str]:
     return found
 
 
+def _is_duration(info: FieldInfo) -> bool:
+    """A `settings.Duration` field, optional or not (its parser is among the validators)."""
+
+    def parses(metadata: Any) -> bool:
+        return any(
+            isinstance(m, BeforeValidator) and m.func is settings.parse_duration_s for m in metadata
+        )
+
+    return parses(info.metadata) or any(
+        parses(getattr(arg, "__metadata__", ())) for arg in get_args(info.annotation)
+    )
+
+
 def _masked(value: Any) -> Any:
     if isinstance(value, SecretStr):
         return MASK
     if isinstance(value, BaseModel):
-        return {name: _masked(getattr(value, name)) for name in type(value).model_fields}
+        shown = {}
+        for name, info in type(value).model_fields.items():
+            field = getattr(value, name)
+            is_seconds = isinstance(field, float) and _is_duration(info)
+            # Durations as written in the file (30s, 15m), not as float seconds.
+            shown[name] = settings.format_duration(field) if is_seconds else _masked(field)
+        return shown
     if isinstance(value, Mapping):
         return {str(k): _masked(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
