@@ -5,6 +5,8 @@ at any instant leaves a row that says how far it got. Rows at HANDING_OFF or lat
 handed off already: after a restart they are never handed off again, only confirmed (see
 `reconcile`). Confirmation runs in `observe`, fed by the poller after each successful listing.
 The executor never decides whether to recover: the policy did; it only carries the attempt out.
+Choosing and proving the checkpoint is shell/checkpoints.py; the rows it writes are the ledger's
+(shell/ledger.py), and confirmation and start-up reconcile live in shell/reconcile.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -27,57 +29,23 @@ from tinker_recovery.core.model import (
     Attempt,
     AttemptOutcome,
     AttemptStep,
-    CheckpointView,
     Lineage,
     LineageState,
     RunView,
-    WeightsInfo,
 )
-from tinker_recovery.errors import ActionFailed, RemoteRejected, RemoteUnavailable
+from tinker_recovery.errors import ActionFailed
 from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import Rule
-from tinker_recovery.shell import failpoints
+from tinker_recovery.shell import checkpoints, failpoints
+from tinker_recovery.shell import ledger as led
 from tinker_recovery.shell import reconcile as rec
 from tinker_recovery.shell.clock import Clock
 from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
-from tinker_recovery.shell.restore import RestoreResult
 from tinker_recovery.shell.store.base import Store
 
 log = structlog.get_logger(__name__)
 
 _OUR_TAGS = (TAG_LINEAGE, TAG_RECOVERED_FROM, TAG_ATTEMPT, TAG_IDEMPOTENCY_KEY)
-# Earlier runs of a lineage whose checkpoints are listed as fallbacks; bounds per-attempt calls.
-_MAX_EARLIER_RUNS = 8
-
-
-class Gateway(Protocol):
-    """The part of shell/gateway.py the executor uses."""
-
-    async def list_checkpoints(self, run_id: str) -> list[CheckpointView]: ...
-
-    async def weights_info(self, tinker_path: str) -> WeightsInfo: ...
-
-    async def set_checkpoint_ttl(self, tinker_path: str, ttl_s: int | None) -> None: ...
-
-
-class Restorer(Protocol):
-    async def restore(
-        self,
-        checkpoint_path: str,
-        *,
-        with_optimizer: bool,
-        user_metadata: Mapping[str, str],
-        save_name: str,
-    ) -> RestoreResult: ...
-
-
-class AttemptFinished(Exception):
-    """Raised inside the step sequence to end the attempt with an outcome (not an error)."""
-
-    def __init__(self, outcome: AttemptOutcome, reason: str) -> None:
-        super().__init__(reason)
-        self.outcome = outcome
-        self.reason = reason
 
 
 class Executor:
@@ -85,8 +53,8 @@ class Executor:
         self,
         *,
         store: Store,
-        gateway: Gateway,
-        restorer: Restorer | None,
+        gateway: checkpoints.Gateway,
+        restorer: checkpoints.Restorer | None,
         handoffs: Mapping[str, HandoffAction],
         clock: Clock,
         metrics: Metrics,
@@ -97,8 +65,6 @@ class Executor:
         may_act: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
-        self._gateway = gateway
-        self._restorer = restorer
         self._handoffs = handoffs
         self._clock = clock
         self._metrics = metrics
@@ -108,7 +74,11 @@ class Executor:
         # replica that lost its lease since writing HANDING_OFF leaves the row to the new
         # leader's reconcile, which will only ever confirm it.
         self._may_act = may_act
-        self._ledger = rec.Ledger(store=store, clock=clock, metrics=metrics, rand=rand, rules=rules)
+        self._ledger = led.Ledger(store=store, clock=clock, metrics=metrics, rand=rand, rules=rules)
+        self._reconciler = rec.Reconciler(ledger=self._ledger, store=store, clock=clock)
+        self._checkpoints = checkpoints.Checkpoints(
+            store=store, gateway=gateway, restorer=restorer, ledger=self._ledger, clock=clock
+        )
 
     def configure(self, *, rules: Sequence[Rule], dry_run: bool) -> None:
         """Apply a reloaded configuration. Attempts already started keep their rule."""
@@ -130,12 +100,12 @@ class Executor:
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
         """Confirm or fail handed-off attempts; call after each SUCCESSFUL listing only."""
-        await self._ledger.observe(runs, now)
+        await self._reconciler.observe(runs, now)
 
     async def reconcile(self, runs: Sequence[RunView] | None) -> None:
         """At start-up (and on each takeover), before anything new: settle what a previous
         process left unfinished. Attempts at HANDING_OFF or later are only ever confirmed."""
-        await self._ledger.reconcile(runs)
+        await self._reconciler.reconcile(runs)
 
     async def drain(self, grace_s: float) -> None:
         """Shutdown: let running steps finish within `grace_s`, then cancel the rest.
@@ -186,7 +156,7 @@ class Executor:
         )
         earlier = await self._store.attempts(lineage.lineage_id)
         exclude = ranking.known_runs(lineage, earlier, attempt) | self._ledger.seen_runs
-        tracked = rec.Tracked(attempt=attempt, rule=rule, exclude=exclude)
+        tracked = led.Tracked(attempt=attempt, rule=rule, exclude=exclude)
         self._ledger.tracked[lineage.lineage_id] = tracked
         try:
             await self._ledger.record(
@@ -205,7 +175,7 @@ class Executor:
 
     async def _run(
         self,
-        tracked: rec.Tracked,
+        tracked: led.Tracked,
         lineage: Lineage,
         run: RunView,
         earlier: Sequence[Attempt],
@@ -215,7 +185,7 @@ class Executor:
             try:
                 async with self._semaphore:
                     await self._steps(tracked, lineage, run, earlier, checkpoint)
-            except AttemptFinished as done:
+            except led.AttemptFinished as done:
                 await self._ledger.finish(tracked, done.outcome, done.reason)
         except asyncio.CancelledError:
             await self._on_cancel(tracked)
@@ -232,23 +202,23 @@ class Executor:
         finally:
             tracked.task = None
 
-    async def _on_cancel(self, tracked: rec.Tracked) -> None:
+    async def _on_cancel(self, tracked: led.Tracked) -> None:
         """Shutdown. Before the handoff nothing happened outside: record it as abandoned.
         At HANDING_OFF or later the row stays as it is, for reconcile on the next start."""
-        if tracked.attempt.step in rec.BEFORE_HANDOFF:
+        if tracked.attempt.step in led.BEFORE_HANDOFF:
             await self._finish_or_forget(
                 tracked, AttemptOutcome.ABANDONED, "stopped before handoff"
             )
         else:
             self._ledger.forget(tracked)
 
-    async def _after_crash(self, tracked: rec.Tracked, exc: Exception) -> None:
-        if tracked.attempt.step not in rec.BEFORE_HANDOFF:
+    async def _after_crash(self, tracked: led.Tracked, exc: Exception) -> None:
+        if tracked.attempt.step not in led.BEFORE_HANDOFF:
             return  # the handoff may have happened: keep confirming, never hand off again
         await self._finish_or_forget(tracked, AttemptOutcome.FAILED, f"internal error: {exc!r}")
 
     async def _finish_or_forget(
-        self, tracked: rec.Tracked, outcome: AttemptOutcome, reason: str
+        self, tracked: led.Tracked, outcome: AttemptOutcome, reason: str
     ) -> None:
         try:
             await self._ledger.finish(tracked, outcome, reason)
@@ -264,7 +234,7 @@ class Executor:
 
     async def _steps(
         self,
-        tracked: rec.Tracked,
+        tracked: led.Tracked,
         lineage: Lineage,
         run: RunView,
         earlier: Sequence[Attempt],
@@ -272,7 +242,7 @@ class Executor:
     ) -> None:
         rule = tracked.rule
         tags = self._tags(tracked.attempt, run)
-        chosen, hand_off_path, restored_run = await self._prepare(
+        chosen, hand_off_path, restored_run = await self._checkpoints.prepare(
             tracked, lineage, run, earlier, override, tags
         )
         found: dict[str, Any] = {
@@ -281,7 +251,7 @@ class Executor:
         }
         if rule.handoff is None:
             if restored_run is None:
-                raise AttemptFinished(AttemptOutcome.FAILED, "no handoff configured")
+                raise led.AttemptFinished(AttemptOutcome.FAILED, "no handoff configured")
             # Restore-only: the run the SDK restore created is the successor, and its one
             # save_state is the proof that it loads and works. Nothing of ours drives it
             # further, so waiting for more progress would fail every time: it succeeds here.
@@ -297,7 +267,9 @@ class Executor:
             return
         action = self._handoffs.get(rule.handoff)
         if action is None:
-            raise AttemptFinished(AttemptOutcome.FAILED, f"handoff {rule.handoff!r} not configured")
+            raise led.AttemptFinished(
+                AttemptOutcome.FAILED, f"handoff {rule.handoff!r} not configured"
+            )
         if restored_run is not None:
             tracked.exclude.add(restored_run)
         await self._ledger.record(
@@ -325,48 +297,6 @@ class Executor:
             return
         await self._handed_off(tracked, f"handed off via {rule.handoff}", hand_off_path, None)
 
-    async def _prepare(
-        self,
-        tracked: rec.Tracked,
-        lineage: Lineage,
-        run: RunView,
-        earlier: Sequence[Attempt],
-        override: str | None,
-        tags: Mapping[str, str],
-    ) -> tuple[CheckpointView, str, str | None]:
-        """Select, protect and (restore: sdk) prove a checkpoint. Returns it, the path to hand
-        off and the restored run, if any. A checkpoint the service refuses to restore is marked
-        bad and the next one is selected, until one restores or none is left."""
-        rule = tracked.rule
-        while True:
-            await self._ledger.record(
-                tracked, AttemptStep.SELECTING, "ranking candidate checkpoints"
-            )
-            if override is not None:
-                chosen = await self._chosen_by_operator(tracked, run, override)
-            else:
-                chosen = await self._select(tracked, lineage, run, earlier)
-            found: dict[str, Any] = {
-                "checkpoint_path": chosen.tinker_path,
-                "checkpoint_time": chosen.time,
-            }
-            if rule.restore != "sdk":
-                await self._protect(tracked, chosen, **found)
-                return chosen, chosen.tinker_path, None
-            await self._ledger.record(
-                tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
-            )
-            result = await self._restore(tracked, chosen, tags)
-            if result is not None:
-                # Protected only once the restore proved it: an unloadable checkpoint keeps its
-                # TTL. It was checked to outlive min_ttl, which covers the restore's seconds.
-                await self._protect(tracked, chosen, **found)
-                return chosen, result.saved_path, result.new_run_id
-            if override is not None:  # the operator's choice failed; there is no fallback
-                raise AttemptFinished(
-                    AttemptOutcome.FAILED, f"requested checkpoint {override} could not be restored"
-                )
-
     @staticmethod
     def _tags(attempt: Attempt, run: RunView) -> dict[str, str]:
         """user_metadata for the successor: the run's own labels (so the same rule still
@@ -378,136 +308,9 @@ class Executor:
         tags[TAG_IDEMPOTENCY_KEY] = attempt.attempt_id
         return tags
 
-    async def _select(
-        self, tracked: rec.Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
-    ) -> CheckpointView:
-        cfg = tracked.rule.checkpoint
-        candidates = await self._candidates(lineage, run, earlier)
-        bad = await self._store.bad_checkpoints([c.tinker_path for c in candidates])
-        ranked = ranking.rank_checkpoints(candidates, now=self._clock.now(), cfg=cfg, bad=bad)
-        for checkpoint in ranked:
-            try:
-                info = await self._gateway.weights_info(checkpoint.tinker_path)
-            except RemoteUnavailable as exc:
-                # Could not check is not bad: end this attempt and let the backoff retry later.
-                raise AttemptFinished(
-                    AttemptOutcome.FAILED, f"weights_info unavailable: {exc}"
-                ) from exc
-            except RemoteRejected as exc:
-                await self._ledger.reject(
-                    tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc
-                )
-                continue
-            reason = ranking.rejection_reason(run, info, restore_optimizer=cfg.restore_optimizer)
-            if reason is None:
-                return checkpoint
-            await self._ledger.reject(tracked, checkpoint, reason, None)
-        raise AttemptFinished(
-            AttemptOutcome.FAILED,
-            f"no usable checkpoint ({len(candidates)} found, {len(ranked)} eligible)",
-        )
-
-    async def _chosen_by_operator(
-        self, tracked: rec.Tracked, run: RunView, tinker_path: str
-    ) -> CheckpointView:
-        """The operator's checkpoint, with its listed metadata when its run still lists it."""
-        owner = ranking.run_id_of(tinker_path)
-        if owner is None:
-            raise AttemptFinished(AttemptOutcome.FAILED, f"not a tinker path: {tinker_path!r}")
-        try:
-            listed = await self._gateway.list_checkpoints(owner)
-            info = await self._gateway.weights_info(tinker_path)
-        except (RemoteUnavailable, RemoteRejected) as exc:
-            raise AttemptFinished(
-                AttemptOutcome.FAILED, f"requested checkpoint {tinker_path} unusable: {exc}"
-            ) from exc
-        chosen = next((c for c in listed if c.tinker_path == tinker_path), None)
-        if chosen is None:
-            raise AttemptFinished(
-                AttemptOutcome.FAILED, f"requested checkpoint {tinker_path} is not listed"
-            )
-        cfg = tracked.rule.checkpoint
-        reason = ranking.rejection_reason(run, info, restore_optimizer=cfg.restore_optimizer)
-        if reason is not None:
-            raise AttemptFinished(
-                AttemptOutcome.FAILED, f"requested checkpoint {tinker_path}: {reason.value}"
-            )
-        return chosen
-
-    async def _candidates(
-        self, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
-    ) -> list[CheckpointView]:
-        try:
-            found = list(await self._gateway.list_checkpoints(run.run_id))
-        except RemoteUnavailable as exc:
-            raise AttemptFinished(
-                AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
-            ) from exc
-        except RemoteRejected as exc:
-            log.warning("checkpoints_unlisted", run_id=run.run_id, reason=str(exc))
-            found = []
-        if run.last_checkpoint is not None:
-            found.append(run.last_checkpoint)
-        # Fallbacks: checkpoints of the lineage's earlier runs, newest attempt first.
-        earlier_runs = [a.corrupted_run_id for a in reversed(earlier)] + [lineage.root_run_id]
-        fallbacks = [r for r in dict.fromkeys(earlier_runs) if r != run.run_id]
-        for other in fallbacks[:_MAX_EARLIER_RUNS]:
-            try:
-                found.extend(await self._gateway.list_checkpoints(other))
-            except RemoteRejected as exc:  # an old run may be gone, its checkpoints with it
-                log.info("checkpoints_unlisted", run_id=other, reason=str(exc))
-            except RemoteUnavailable as exc:
-                raise AttemptFinished(
-                    AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
-                ) from exc
-        return found
-
-    async def _protect(self, tracked: rec.Tracked, chosen: CheckpointView, **found: Any) -> None:
-        """Extend the chosen checkpoint's TTL to the rule's protect_ttl, if it sets one."""
-        if tracked.rule.checkpoint.protect_ttl is None:
-            return
-        ttl_s = int(tracked.rule.checkpoint.protect_ttl)
-        tinker_path = chosen.tinker_path
-        await self._ledger.record(tracked, AttemptStep.PROTECTING, f"ttl {ttl_s}s", **found)
-        try:
-            await self._gateway.set_checkpoint_ttl(tinker_path, ttl_s)
-        except (RemoteUnavailable, RemoteRejected) as exc:
-            # The checkpoint was just checked to outlive min_ttl; protection is a bonus.
-            log.warning(
-                "checkpoint_protect_failed",
-                lineage_id=tracked.attempt.lineage_id,
-                attempt_id=tracked.attempt.attempt_id,
-                step=tracked.attempt.step.value,
-                checkpoint_path=tinker_path,
-                reason=str(exc),
-            )
-
-    async def _restore(
-        self, tracked: rec.Tracked, checkpoint: CheckpointView, tags: Mapping[str, str]
-    ) -> RestoreResult | None:
-        """The restored run, or None when the service refused this checkpoint (now marked bad,
-        so the next selection falls back to an older one)."""
-        if self._restorer is None:
-            raise AttemptFinished(AttemptOutcome.FAILED, "restore: sdk but no restorer configured")
-        try:
-            return await self._restorer.restore(
-                checkpoint.tinker_path,
-                with_optimizer=tracked.rule.checkpoint.restore_optimizer,
-                user_metadata=tags,
-                # Named after its source, so the job (and an operator) can tell which
-                # checkpoint a proven copy came from: "000040-recovery-2".
-                save_name=f"{checkpoint.checkpoint_id.rsplit('/', 1)[-1]}-recovery-"
-                f"{tracked.attempt.number}",
-            )
-        except ActionFailed as exc:
-            if not exc.checkpoint_at_fault:
-                raise AttemptFinished(AttemptOutcome.FAILED, f"restore failed: {exc}") from exc
-            await self._ledger.reject(tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc)
-            return None
-
     async def _hand_off(
         self,
-        tracked: rec.Tracked,
+        tracked: led.Tracked,
         action: HandoffAction,
         tinker_path: str,
         tags: Mapping[str, str],
@@ -538,12 +341,12 @@ class Executor:
                 reason=str(exc),
             )
             if not exc.may_have_acted or tracked.rule.handoff_grace <= 0:
-                raise AttemptFinished(AttemptOutcome.FAILED, f"handoff failed: {exc}") from exc
+                raise led.AttemptFinished(AttemptOutcome.FAILED, f"handoff failed: {exc}") from exc
             return exc
         self._metrics.handoffs.labels(type=action.kind, outcome="succeeded").inc()
         return None
 
-    async def _watch_for_late_successor(self, tracked: rec.Tracked, exc: ActionFailed) -> None:
+    async def _watch_for_late_successor(self, tracked: led.Tracked, exc: ActionFailed) -> None:
         """The handoff reported a failure, but it may have started the job first: a command that
         crashed on its way out, a webhook whose answer was lost. Handing off again at once could
         run the job twice, so the attempt waits `handoff_grace` for a successor carrying its key
@@ -561,7 +364,7 @@ class Executor:
 
     async def _handed_off(
         self,
-        tracked: rec.Tracked,
+        tracked: led.Tracked,
         reason: str,
         tinker_path: str,
         successor: str | None,

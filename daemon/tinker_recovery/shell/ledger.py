@@ -1,0 +1,292 @@
+"""The attempt ledger: recording steps and finishing attempts.
+
+The executor (shell/executor.py) runs an attempt's steps; this module owns what outlives a step:
+the rows and events it writes, and the finish (outcome, lineage via the policy, metrics).
+Confirmation of a handed-off attempt and start-up reconciliation, which never hands off again,
+live in shell/reconcile.py and write through this ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from tinker_recovery.core import policy, ranking
+from tinker_recovery.core.model import (
+    Attempt,
+    AttemptOutcome,
+    AttemptStep,
+    CheckpointView,
+    Lineage,
+)
+from tinker_recovery.obs.metrics import Metrics
+from tinker_recovery.settings import Rule
+from tinker_recovery.shell import failpoints
+from tinker_recovery.shell.clock import Clock
+from tinker_recovery.shell.store.base import Event, Store
+
+log = structlog.get_logger(__name__)
+
+# Steps at which the handoff has certainly not happened: a restart may abandon these safely.
+BEFORE_HANDOFF = frozenset(
+    {
+        AttemptStep.CREATED,
+        AttemptStep.SELECTING,
+        AttemptStep.PROTECTING,
+        AttemptStep.RESTORING,
+    }
+)
+
+EVENT_STEP = "attempt_step"
+
+
+class AttemptFinished(Exception):
+    """Raised inside the step sequence to end the attempt with an outcome (not an error)."""
+
+    def __init__(self, outcome: AttemptOutcome, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Tracked:
+    """An attempt the executor is running or confirming."""
+
+    attempt: Attempt
+    rule: Rule
+    exclude: set[str]  # runs that cannot be the successor (they existed before the attempt)
+    handed_off_at: datetime | None = None
+    task: asyncio.Task[None] | None = None
+    # The successor's last request when this process first saw it: later requests are
+    # progress whatever the skew between our clock and the service's.
+    first_seen_request: datetime | None = None
+    # Set when the handoff reported a failure that may still have started the job: without a
+    # successor by `grace_ends` (and two listings made after the failure) the attempt fails.
+    handoff_failure: str | None = None
+    grace_ends: datetime | None = None
+    listings_since_failure: int = 0
+
+    @property
+    def deadline(self) -> datetime | None:
+        if self.handed_off_at is None:
+            return None
+        return self.handed_off_at + timedelta(seconds=self.rule.confirm_deadline)
+
+
+def attempt_event(attempt: Attempt, kind: str, reason: str, at: datetime) -> Event:
+    """The event stored with an attempt row: its step, outcome and paths."""
+    return Event(
+        at=at,
+        kind=kind,
+        reason=reason,
+        lineage_id=attempt.lineage_id,
+        attempt_id=attempt.attempt_id,
+        run_id=attempt.successor_run_id or attempt.corrupted_run_id,
+        data={
+            "step": attempt.step.value,
+            "number": attempt.number,
+            "outcome": attempt.outcome.value if attempt.outcome else None,
+            "checkpoint_path": attempt.checkpoint_path,
+            "handed_off_path": attempt.handed_off_path,
+            "successor_run_id": attempt.successor_run_id,
+        },
+    )
+
+
+class Ledger:
+    """Attempt bookkeeping shared by the executor's steps, `observe` and `reconcile`."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        metrics: Metrics,
+        rand: Callable[[], float],
+        rules: Sequence[Rule],
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._rand = rand
+        self.rules = {rule.name: rule for rule in rules}
+        self.tracked: dict[str, Tracked] = {}  # by lineage id: one attempt per lineage
+        self.seen_runs: set[str] = set()  # run ids of the latest successful listing
+
+    def forget(self, tracked: Tracked) -> None:
+        """Stop tracking `tracked` (only it: a reconcile may have replaced it since)."""
+        if self.tracked.get(tracked.attempt.lineage_id) is tracked:
+            del self.tracked[tracked.attempt.lineage_id]
+
+    # recording ---------------------------------------------------------------------------------
+
+    async def record(
+        self,
+        tracked: Tracked,
+        step: AttemptStep,
+        reason: str,
+        *,
+        at: datetime | None = None,
+        **changes: Any,
+    ) -> None:
+        """Write the step (row + event) before the caller takes it."""
+        now = at or self._clock.now()
+        attempt = dataclasses.replace(tracked.attempt, step=step, updated_at=now, **changes)
+        await self._store.save_attempt(attempt, attempt_event(attempt, EVENT_STEP, reason, now))
+        tracked.attempt = attempt
+        failpoints.hit(f"executor.{step.value}")  # crash tests: die right after the row
+        log.info(
+            "attempt_step",
+            lineage_id=attempt.lineage_id,
+            attempt_id=attempt.attempt_id,
+            step=step.value,
+            reason=reason,
+        )
+
+    async def save_lineage(self, before: Lineage, after: Lineage, attempt: Attempt) -> None:
+        event = Event(
+            at=after.updated_at,
+            kind="lineage_transition",
+            reason=after.reason,
+            lineage_id=after.lineage_id,
+            attempt_id=attempt.attempt_id,
+            run_id=after.current_run_id,
+            data={"from": before.state.value, "to": after.state.value},
+        )
+        await self._store.save_lineage(after, event)
+        log.info(
+            "lineage_transition",
+            lineage_id=after.lineage_id,
+            attempt_id=attempt.attempt_id,
+            state=after.state.value,
+            reason=after.reason,
+        )
+
+    async def finish(
+        self,
+        tracked: Tracked,
+        outcome: AttemptOutcome,
+        reason: str,
+        *,
+        now: datetime | None = None,
+        progressed: bool = False,
+    ) -> None:
+        """Store the outcome, move the lineage on via the policy, and export the figures."""
+        now = now or self._clock.now()
+        attempt = dataclasses.replace(
+            tracked.attempt,
+            step=AttemptStep.DONE,
+            outcome=outcome,
+            reason=reason,
+            finished_at=now,
+            updated_at=now,
+        )
+        await self._store.save_attempt(
+            attempt, attempt_event(attempt, "attempt_finished", reason, now)
+        )
+        tracked.attempt = attempt
+        self.forget(tracked)
+        log.info(
+            "attempt_finished",
+            lineage_id=attempt.lineage_id,
+            attempt_id=attempt.attempt_id,
+            step=attempt.step.value,
+            outcome=outcome.value,
+            reason=reason,
+        )
+        lineage = await self._store.get_lineage(attempt.lineage_id)
+        self._export(attempt, lineage, now)
+        if lineage is not None:
+            await self.apply_policy(lineage, attempt, tracked.rule, now, progressed=progressed)
+
+    async def apply_policy(
+        self, lineage: Lineage, attempt: Attempt, rule: Rule, now: datetime, *, progressed: bool
+    ) -> None:
+        after = policy.on_attempt_finished(lineage, attempt, now, rule, self._rand(), progressed)
+        if after != lineage:
+            await self.save_lineage(lineage, after, attempt)
+
+    def _export(self, attempt: Attempt, lineage: Lineage | None, now: datetime) -> None:
+        assert attempt.outcome is not None
+        self._metrics.attempts.labels(outcome=attempt.outcome.value).inc()
+        self._metrics.attempt_duration.observe((now - attempt.started_at).total_seconds())
+        if attempt.outcome is not AttemptOutcome.SUCCEEDED or lineage is None:
+            return
+        if lineage.detected_at is not None:
+            self._metrics.time_to_recovery.observe((now - lineage.detected_at).total_seconds())
+        if lineage.corrupted_since is not None and attempt.checkpoint_time is not None:
+            lost_s = (lineage.corrupted_since - attempt.checkpoint_time).total_seconds()
+            self._metrics.work_lost.observe(max(lost_s, 0.0))
+
+    async def reject(
+        self,
+        tracked: Tracked,
+        checkpoint: CheckpointView,
+        reason: ranking.RejectionReason,
+        exc: Exception | None,
+    ) -> None:
+        """Mark a checkpoint that failed validation bad, so no later attempt tries it again."""
+        detail = f"{reason.value}: {exc}" if exc is not None else reason.value
+        now = self._clock.now()
+        await self._store.mark_checkpoint_bad(checkpoint.tinker_path, detail, now)
+        await self._store.append_event(
+            Event(
+                at=now,
+                kind="checkpoint_rejected",
+                reason=detail,
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                data={"checkpoint_path": checkpoint.tinker_path, "rejection": reason.value},
+            )
+        )
+        self._metrics.checkpoints_rejected.labels(reason=reason.value).inc()
+        log.warning(
+            "checkpoint_rejected",
+            lineage_id=tracked.attempt.lineage_id,
+            attempt_id=tracked.attempt.attempt_id,
+            step=tracked.attempt.step.value,
+            checkpoint_path=checkpoint.tinker_path,
+            reason=detail,
+        )
+
+    # rules and status --------------------------------------------------------------------------
+
+    def rule_for(self, lineage: Lineage | None) -> Rule:
+        """The rule an attempt's lineage was recovered under, or defaults if it is gone."""
+        name = lineage.rule if lineage is not None else None
+        rule = self.rules.get(name or "")
+        if rule is None:
+            # The rule was renamed or removed since: defaults still bound the confirmation.
+            log.warning("attempt_rule_missing", rule=name)
+            rule = Rule(name=name or "unknown")
+        return rule
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """In-flight attempts for /status (ids and paths only; nothing secret)."""
+        out = []
+        for tracked in self.tracked.values():
+            a = tracked.attempt
+            deadline = tracked.deadline
+            out.append(
+                {
+                    "attempt_id": a.attempt_id,
+                    "lineage_id": a.lineage_id,
+                    "number": a.number,
+                    "step": a.step.value,
+                    "rule": tracked.rule.name,
+                    "corrupted_run_id": a.corrupted_run_id,
+                    "checkpoint_path": a.checkpoint_path,
+                    "handed_off_path": a.handed_off_path,
+                    "successor_run_id": a.successor_run_id,
+                    "started_at": a.started_at.isoformat(),
+                    "confirm_deadline": deadline.isoformat() if deadline else None,
+                    "running": tracked.task is not None,
+                }
+            )
+        return out
