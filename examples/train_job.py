@@ -117,4 +117,11 @@ def finish(service: tinker.ServiceClient, status: Literal["success", "errored"])
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_code = main()
+    # Leave without interpreter finalisation: on Python 3.11 a thread of the SDK's Rust HTTP
+    # transport that is still handing over the last response when the interpreter shuts down
+    # aborts the process (SIGABRT), even after close() was waited for, and a supervisor would
+    # see a crash. Everything is written and the session closed by now; flush and go.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -94,7 +95,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "run":
         from tinker_recovery import app
 
-        return app.run(_load(args.config), config_path=args.config)
+        return _leave(app.run(_load(args.config), config_path=args.config))
     if command == "check-config":
         from tinker_recovery.shell import config_loader
 
@@ -119,6 +120,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(result.text)
     return result.exit_code
+
+
+def _leave(code: int) -> int:
+    """Exit the daemon process with `code` now, skipping interpreter finalisation, if the SDK's
+    Rust HTTP transport (pyqwest) was loaded by a `restore: sdk`.
+
+    On CPython 3.11 a pyqwest thread still handing its last response to Python while the
+    interpreter finalises aborts the process (SIGABRT), even after the SDK session was closed
+    and waited for: a clean stop would then exit 134. Nothing is lost by leaving early: the
+    store and clients are closed by now, and the log streams are flushed here.
+    """
+    if "pyqwest" not in sys.modules:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
