@@ -5,13 +5,15 @@
 Appends one JSON line to LOG_PATH (time, mode, argv, every TINKER_RECOVERY_* variable). MODE
 `job` first resumes from TINKER_RECOVERY_CHECKPOINT with the official SDK, passing
 TINKER_RECOVERY_USER_METADATA, saves state once and closes, the way a training job restarts;
-`log` only records; `fail` records and exits 1.
+`log` only records; `fail` records and exits 1; `crash` does what `job` does, then dies of
+SIGABRT, the way an SDK script on Python 3.11 can at interpreter exit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -21,7 +23,7 @@ def main() -> int:
     log_path, mode = sys.argv[1], sys.argv[2]
     row: dict[str, Any] = {"time": time.time(), "mode": mode, "argv": sys.argv[3:]}
     row.update({k: v for k, v in os.environ.items() if k.startswith("TINKER_RECOVERY_")})
-    if mode == "job":
+    if mode in ("job", "crash"):
         import tinker  # only the job mode pays for the SDK import
 
         service = tinker.ServiceClient()
@@ -34,6 +36,9 @@ def main() -> int:
         service.close("success").result()
     with open(log_path, "a") as out:
         out.write(json.dumps(row) + "\n")
+    if mode == "crash":
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGABRT)
     return 1 if mode == "fail" else 0
 
 

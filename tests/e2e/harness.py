@@ -146,9 +146,9 @@ def emulator(runs: int = 4, **config: Any) -> Iterator[Emu]:
 
 
 def handoffs(emu: Emu, log_path: Path) -> dict[str, Any]:
-    """Three `command` handoffs logging to `log_path`: `job` resumes the run with the SDK (so
-    a successor appears and progresses), `log` only records the call, `fail` records it and
-    exits 1."""
+    """`command` handoffs logging to `log_path`: `job` resumes the run with the SDK (so a
+    successor appears and progresses), `log` only records the call, `fail` records it and exits
+    1, `crash` does what `job` does and then dies of SIGABRT."""
     job_env = {"TINKER_BASE_URL": emu.base_url, "TINKER_API_KEY": JOB_KEY, "TINKER_TELEMETRY": "0"}
     return {
         mode: {
@@ -157,7 +157,7 @@ def handoffs(emu: Emu, log_path: Path) -> dict[str, Any]:
             "timeout": "20s",
             "env": job_env,
         }
-        for mode in ("job", "log", "fail")
+        for mode in ("job", "log", "fail", "crash")
     }
 
 

@@ -80,6 +80,29 @@ def test_a_handoff_that_always_fails_exhausts_the_budget_and_stops(
     assert daemon.stop() == 0
 
 
+def test_a_handoff_that_crashes_after_starting_the_job_is_not_repeated(
+    emu: Emu, daemons: Daemons, tmp_path: Path
+) -> None:
+    rules = [rule("crashy", "crashy", handoff="crash", handoff_grace="10s")]
+    daemon = daemons(tmp_path, daemon_config(emu, tmp_path, rules)).start()
+    run_id = emu.create_run(user_metadata={"scenario": "crashy"})
+    daemon.wait_polls(1)
+    emu.corrupt(run_id)
+
+    daemon.wait_for(lambda: recovered(daemon, run_id), f"{run_id} recovered")
+    (attempt,) = daemon.attempts_for_run(run_id)
+    (call,) = daemon.handoff_calls()  # the job was started once, and only once
+    assert attempt.outcome is not None
+    assert attempt.outcome.value == "succeeded"
+    assert attempt.successor_run_id == call["successor"]
+    (failed,) = daemon.events("handoff_failed")
+    assert "was killed by SIGABRT" in failed["reason"]
+    daemon.wait_polls(3)  # nothing more happens: no second attempt, no second handoff
+    assert len(daemon.handoff_calls()) == 1
+    assert len(daemon.attempts_for_run(run_id)) == 1
+    assert daemon.stop() == 0
+
+
 def test_preexisting_and_idle_corruptions_are_skipped_unless_the_rule_allows(
     emu: Emu, daemons: Daemons, tmp_path: Path
 ) -> None:

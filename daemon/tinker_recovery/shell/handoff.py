@@ -207,7 +207,8 @@ class CommandAction:
         if result.exit_code != 0:
             tail = result.stderr_tail.strip()[-300:]
             raise ActionFailed(
-                f"handoff command {argv[0]!r} {_how_it_ended(result.exit_code)}: {tail}",
+                f"handoff command {argv[0]!r} {_how_it_ended(result.exit_code)}"
+                + (f": {tail}" if tail else ""),
                 action="handoff",
                 exit_code=result.exit_code,
             )
