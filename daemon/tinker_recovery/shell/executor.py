@@ -358,6 +358,10 @@ class Executor:
             tracked,
             AttemptStep.CONFIRMING,
             f"{tracked.handoff_failure}; watching {grace_s:g}s for a successor it may have started",
+            note={
+                led.NOTE_HANDOFF_FAILURE: tracked.handoff_failure,
+                led.NOTE_GRACE_ENDS: tracked.grace_ends.isoformat(),
+            },
         )
         if tracked.handed_off_at is None:
             tracked.handed_off_at = tracked.attempt.updated_at

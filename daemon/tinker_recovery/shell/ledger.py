@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,6 +43,9 @@ BEFORE_HANDOFF = frozenset(
 )
 
 EVENT_STEP = "attempt_step"
+# Event data keys written when a handoff failed but may have started the job (Tracked fields).
+NOTE_HANDOFF_FAILURE = "handoff_failure"
+NOTE_GRACE_ENDS = "grace_ends"
 
 
 class AttemptFinished(Exception):
@@ -133,12 +136,17 @@ class Ledger:
         reason: str,
         *,
         at: datetime | None = None,
+        note: Mapping[str, Any] | None = None,
         **changes: Any,
     ) -> None:
-        """Write the step (row + event) before the caller takes it."""
+        """Write the step (row + event) before the caller takes it. `note` adds to the event's
+        data what a restarted daemon needs to carry on (a handoff failure and its grace)."""
         now = at or self._clock.now()
         attempt = dataclasses.replace(tracked.attempt, step=step, updated_at=now, **changes)
-        await self._store.save_attempt(attempt, attempt_event(attempt, EVENT_STEP, reason, now))
+        event = attempt_event(attempt, EVENT_STEP, reason, now)
+        if note:
+            event = dataclasses.replace(event, data={**event.data, **note})
+        await self._store.save_attempt(attempt, event)
         tracked.attempt = attempt
         failpoints.hit(f"executor.{step.value}")  # crash tests: die right after the row
         log.info(

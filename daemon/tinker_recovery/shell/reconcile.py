@@ -29,6 +29,8 @@ from tinker_recovery.shell.clock import Clock
 from tinker_recovery.shell.ledger import (
     BEFORE_HANDOFF,
     EVENT_STEP,
+    NOTE_GRACE_ENDS,
+    NOTE_HANDOFF_FAILURE,
     Ledger,
     Tracked,
     attempt_event,
@@ -36,6 +38,15 @@ from tinker_recovery.shell.ledger import (
 from tinker_recovery.shell.store.base import Event, Store
 
 log = structlog.get_logger(__name__)
+
+
+def _carry_on_grace(tracked: Tracked, events: Sequence[Event]) -> None:
+    """If the attempt's handoff had failed before the restart, watch out the rest of its grace
+    (and two listings from now) instead of the whole confirm deadline."""
+    for event in events:
+        if event.attempt_id == tracked.attempt.attempt_id and NOTE_GRACE_ENDS in event.data:
+            tracked.handoff_failure = str(event.data[NOTE_HANDOFF_FAILURE])
+            tracked.grace_ends = datetime.fromisoformat(str(event.data[NOTE_GRACE_ENDS]))
 
 
 def handed_off_at(attempt: Attempt, events: Sequence[Event]) -> datetime:
@@ -189,6 +200,7 @@ class Reconciler:
         attempt = tracked.attempt
         events = await self._store.events(lineage_id=attempt.lineage_id, limit=1000)
         tracked.handed_off_at = handed_off_at(attempt, events)
+        _carry_on_grace(tracked, events)
         successor = ranking.find_successor(attempt, runs or (), exclude=tracked.exclude)
         found: str | None
         if successor is not None:

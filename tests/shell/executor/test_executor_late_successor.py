@@ -142,3 +142,27 @@ async def test_a_restart_during_the_grace_confirms_and_never_hands_off_again(
     done = await stored(world, attempt)
     assert (done.outcome, done.successor_run_id) == (AttemptOutcome.SUCCEEDED, "succ-1")
     assert only(world.handoff.requests).idempotency_key == attempt.attempt_id
+
+
+async def test_a_restart_during_the_grace_keeps_the_grace_not_the_confirm_deadline(
+    world: World,
+) -> None:
+    world.handoff.error = crashed_on_exit()
+    world.handoff.starts_job = False
+    current = await seed(world)
+    the_rule = rule(handoff_grace=30.0, confirm_deadline=900.0)
+    attempt = await run_attempt(world, current, corrupted_run(), the_rule)
+
+    restarted = new_executor(world)  # a fresh process: only the store remembers the failure
+    world.clock.advance(5)
+    await restarted.reconcile(world.fleet.listing())
+    world.clock.advance(30)  # past the grace, far before the confirm deadline
+    await restarted.observe(world.fleet.listing(), world.clock.now())
+    assert (await stored(world, attempt)).outcome is None  # the first listing since the restart
+    world.clock.advance(1)
+    await restarted.observe(world.fleet.listing(), world.clock.now())
+
+    done = await stored(world, attempt)
+    assert done.outcome is AttemptOutcome.FAILED
+    assert done.reason.startswith("handoff failed: command was killed by SIGABRT")
+    assert len(world.handoff.requests) == 1
