@@ -204,7 +204,7 @@ def daemon_config(
         "poll": {"interval": f"{POLL_S}s", "cycle_timeout": "5s"},
         # A short lease: a daemon restarted after SIGKILL takes over within a second or so.
         "state": {
-            "url": f"sqlite:///{workdir / 'state.db'}",
+            "url": sqlite_url(workdir),
             "lease_ttl": "1s",
             "lease_renew_interval": "250ms",
         },
@@ -372,14 +372,14 @@ class DaemonProc:
 
     # the store ----------------------------------------------------------------------------------
     def lineage_for_run(self, run_id: str) -> Lineage | None:
-        return _with_store(self.workdir, lambda s: s.lineage_for_run(run_id))
+        return with_store(sqlite_url(self.workdir), lambda s: s.lineage_for_run(run_id))
 
     def attempts_for_run(self, run_id: str) -> list[Attempt]:
         async def read(store: Store) -> list[Attempt]:
             lineage = await store.lineage_for_run(run_id)
             return [] if lineage is None else list(await store.attempts(lineage.lineage_id))
 
-        return _with_store(self.workdir, read)
+        return with_store(sqlite_url(self.workdir), read)
 
     def store_events(self, run_id: str) -> list[Event]:
         async def read(store: Store) -> list[Event]:
@@ -388,18 +388,22 @@ class DaemonProc:
                 return []
             return list(await store.events(lineage_id=lineage.lineage_id, limit=1000))
 
-        return _with_store(self.workdir, read)
+        return with_store(sqlite_url(self.workdir), read)
 
     def lineage_state(self, run_id: str) -> str | None:
         lineage = self.lineage_for_run(run_id)
         return None if lineage is None else lineage.state.value
 
 
-def _with_store(workdir: Path, read: Callable[[Store], Awaitable[T]]) -> T:
+def sqlite_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'state.db'}"
+
+
+def with_store(url: str, read: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the store at `url`, `read` it, close it: from a synchronous test."""
+
     async def go() -> T:
-        store = open_store(
-            f"sqlite:///{workdir / 'state.db'}", clock=SystemClock(), state_directory=None
-        )
+        store = open_store(url, clock=SystemClock(), state_directory=None)
         await store.open()
         try:
             return await read(store)

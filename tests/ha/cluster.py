@@ -37,7 +37,7 @@ import httpx
 import psycopg
 import pytest
 
-from e2e.harness import JOB_KEY, DaemonProc, Emu, daemon_config, rule, wait_until
+from e2e.harness import JOB_KEY, DaemonProc, Emu, daemon_config, rule, wait_until, with_store
 from tinker_recovery.core.model import Attempt, Lineage
 from tinker_recovery.shell.clock import SystemClock
 from tinker_recovery.shell.store import open_store
@@ -248,17 +248,7 @@ class Cluster:
 
     # the store -----------------------------------------------------------------------------------
     def read(self, read: Callable[[Store], Awaitable[T]]) -> T:
-        async def go() -> T:
-            store = open_store(self.url, clock=SystemClock(), state_directory=None)
-            await store.open()
-            try:
-                return await read(store)
-            finally:
-                await store.close()
-
-        # A worker thread with its own loop: the tests themselves are synchronous.
-        with concurrent.futures.ThreadPoolExecutor(1) as worker:
-            return worker.submit(asyncio.run, go()).result()
+        return with_store(self.url, read)
 
     def lineage(self, run_id: str) -> Lineage | None:
         return self.read(lambda s: s.lineage_for_run(run_id))

@@ -392,6 +392,13 @@ async def seed(world: World, state: Lineage | None = None) -> Lineage:
     return current
 
 
+async def stored(world: World, attempt: Attempt) -> Attempt:
+    """The attempt as the store holds it now."""
+    found = await world.store.get_attempt(attempt.attempt_id)
+    assert found is not None
+    return found
+
+
 async def run_attempt(world: World, current: Lineage, run: RunView, the_rule: Rule) -> Attempt:
     """Start an attempt and wait for its steps to end (handed off, or finished)."""
     async with asyncio.TaskGroup() as tg:

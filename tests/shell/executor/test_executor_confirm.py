@@ -22,6 +22,7 @@ from ex_fakes import (
     rule,
     run_attempt,
     seed,
+    stored,
 )
 from structlog.testing import capture_logs
 
@@ -40,12 +41,6 @@ async def world(tmp_path: Path) -> World:
     built = await build_world(tmp_path / "state.db")
     built.gateway.checkpoints[RUN_ID] = [ckpt("030", age_s=3600)]
     return built
-
-
-async def stored(world: World, attempt: Attempt) -> Attempt:
-    found = await world.store.get_attempt(attempt.attempt_id)
-    assert found is not None
-    return found
 
 
 async def test_successor_requests_confirm_the_attempt(world: World) -> None:

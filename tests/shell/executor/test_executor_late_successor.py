@@ -23,9 +23,10 @@ from ex_fakes import (
     rule,
     run_attempt,
     seed,
+    stored,
 )
 
-from tinker_recovery.core.model import Attempt, AttemptOutcome, AttemptStep, LineageState
+from tinker_recovery.core.model import AttemptOutcome, AttemptStep, LineageState
 from tinker_recovery.errors import ActionFailed
 
 
@@ -38,12 +39,6 @@ async def world(tmp_path: Path) -> World:
 
 def crashed_on_exit() -> ActionFailed:
     return ActionFailed("command was killed by SIGABRT", action="handoff", exit_code=-6)
-
-
-async def stored(world: World, attempt: Attempt) -> Attempt:
-    found = await world.store.get_attempt(attempt.attempt_id)
-    assert found is not None
-    return found
 
 
 async def observe(world: World, after_s: float) -> None:
