@@ -57,3 +57,9 @@ class FencedOut(RecoveryError):
 
 class StoreUnavailable(RecoveryError):
     """The state store could not be opened or reached (file locked, database down, timeout)."""
+
+
+class InconsistentListing(RemoteUnavailable):
+    """Every page answered, but the pages do not add up to one fleet (a total_count that moved,
+    a run id seen twice, a count that differs from the total), even after re-listing. The cycle
+    is "unknown": such a listing is no evidence that a run is gone or never appeared."""

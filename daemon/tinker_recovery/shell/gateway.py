@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from tinker import types as wire
 
 from tinker_recovery.core.model import CheckpointView, RunView, WeightsInfo
-from tinker_recovery.errors import RemoteRejected, RemoteUnavailable
+from tinker_recovery.errors import InconsistentListing, RemoteRejected, RemoteUnavailable
 from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import TinkerSettings
 from tinker_recovery.shell.clock import Clock
@@ -52,6 +52,14 @@ _ModelT = TypeVar("_ModelT", bound=pydantic.BaseModel)
 
 # Statuses worth another try: the request may succeed unchanged a moment later.
 _RETRY_STATUSES = frozenset({408, 429})
+
+
+# Listings per list_runs() call: the first and up to two re-lists when the fleet moved under it.
+_LISTING_TRIES = 3
+
+
+class _Shifted(Exception):
+    """One listing's pages do not add up; list_runs() lists again (never leaves the module)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +120,26 @@ class TinkerGateway:
             self._configured.set()
 
     async def list_runs(self) -> list[RunView]:
-        """Every run in scope, or an exception: never a partial fleet."""
+        """Every run in scope from one consistent listing, or an exception: never a partial
+        fleet, never a listing whose pages do not add up (DESIGN.md "Talking to Tinker").
+
+        Offset paging while runs come, go or move shifts later pages: a run can be hidden and
+        another served twice. A listing counts only when its ids are unique, their count equals
+        `total_count` and every page reported that same total. Otherwise the fleet is listed
+        again (at most `_LISTING_TRIES` listings, all inside the poller's cycle_timeout), and
+        then `InconsistentListing` makes the cycle "unknown"."""
+        shift: _Shifted | None = None
+        for listing in range(1, _LISTING_TRIES + 1):
+            try:
+                return await self._one_listing()
+            except _Shifted as exc:
+                shift = exc
+                log.info("fleet_changed_during_listing", listing=listing, detail=str(exc))
+        raise InconsistentListing(
+            f"list_runs: no consistent listing in {_LISTING_TRIES} tries (last: {shift})"
+        )
+
+    async def _one_listing(self) -> list[RunView]:
         first = await self._page(offset=0, limit=self._cfg.page_size)
         total = first.total
         # The server may serve fewer runs per page than we asked for (a cap), and may or may
@@ -120,18 +147,10 @@ class TinkerGateway:
         # short, stepping by what we actually got skips nothing.
         step = len(first.runs) or self._cfg.page_size
         pages: dict[int, _Page] = {0: first}
-        fetched_upto = 0
-        # Round 1 covers the total page 0 announced. If the fleet grew meanwhile, later pages
-        # report a larger total: fetch the new tail too (bounded rounds, so a fleet that keeps
-        # growing cannot keep one cycle alive forever).
-        for _ in range(3):
-            offsets = range(fetched_upto + step, total, step)
-            if not offsets:
-                break
-            await self._fetch_pages(offsets, step, pages)
-            fetched_upto = offsets[-1]
-            total = max(total, *(p.total for p in pages.values()))
-        return self._merge(pages)
+        offsets = range(step, total, step)
+        if offsets:
+            await self._fetch_pages(offsets, step, total, pages)
+        return _consistent(pages, total)
 
     async def get_run(self, run_id: str) -> RunView:
         response = await self._send(
@@ -190,36 +209,32 @@ class TinkerGateway:
         # Views right away, so 100k pydantic models never live at once (GC time, memory).
         return _Page(page.cursor.total_count, [to_run_view(run) for run in page.training_runs])
 
-    async def _fetch_pages(self, offsets: range, step: int, into: dict[int, _Page]) -> None:
+    async def _fetch_pages(
+        self, offsets: range, step: int, total: int, into: dict[int, _Page]
+    ) -> None:
         todo: Iterator[int] = iter(offsets)
 
         async def worker() -> None:
             # Workers share one iterator, so at most max_concurrent_pages requests are in flight.
             for offset in todo:
-                into[offset] = await self._page(offset=offset, limit=step)
+                page = await self._page(offset=offset, limit=step)
+                if page.total != total:
+                    # The fleet changed under the listing: stop fetching pages of this one.
+                    raise _Shifted(f"page {offset} says total {page.total}, page 0 said {total}")
+                into[offset] = page
 
         n_workers = min(self._cfg.max_concurrent_pages, len(offsets))
         try:
             async with asyncio.TaskGroup() as group:
                 for i in range(n_workers):
                     group.create_task(worker(), name=f"list-runs-page-{i}")
-        except* (RemoteUnavailable, RemoteRejected) as failed:
-            # One page failing sinks the whole listing; report the first failure as itself.
-            first_failure = failed.exceptions[0]
-            assert isinstance(first_failure, RemoteUnavailable | RemoteRejected)
+        except* (RemoteUnavailable, RemoteRejected, _Shifted) as failed:
+            # One page failing sinks the whole listing; report the first failure as itself
+            # (a failed request before a shift: a re-list would not be evidence either).
+            errors = failed.exceptions
+            first_failure = next((e for e in errors if not isinstance(e, _Shifted)), errors[0])
+            assert isinstance(first_failure, RemoteUnavailable | RemoteRejected | _Shifted)
             raise first_failure from None
-
-    @staticmethod
-    def _merge(pages: Mapping[int, _Page]) -> list[RunView]:
-        seen: dict[str, RunView] = {}
-        totals = {p.total for p in pages.values()}
-        for offset in sorted(pages):
-            for run in pages[offset].runs:
-                # A run shifted across a page boundary mid-listing shows up twice: keep one.
-                seen.setdefault(run.run_id, run)
-        if len(totals) > 1:
-            log.info("fleet_changed_during_listing", totals=sorted(totals), runs=len(seen))
-        return list(seen.values())
 
     # ---- one request ------------------------------------------------------------------
 
@@ -339,6 +354,15 @@ class TinkerGateway:
             error=str(failure),
         )
         await self._clock.sleep(delay_s)
+
+
+def _consistent(pages: Mapping[int, _Page], total: int) -> list[RunView]:
+    """The runs of a listing whose pages all reported `total`, if they are `total` unique ids."""
+    runs = [run for offset in sorted(pages) for run in pages[offset].runs]
+    ids = {run.run_id for run in runs}
+    if len(ids) != len(runs) or len(runs) != total:
+        raise _Shifted(f"{len(runs)} runs, {len(ids)} distinct ids, total_count {total}")
+    return runs
 
 
 def _check_page(page: wire.TrainingRunsResponse, *, offset: int, limit: int, first: bool) -> None:

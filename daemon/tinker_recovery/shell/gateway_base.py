@@ -20,7 +20,12 @@ from pydantic import SecretStr
 from tinker import types as wire
 
 from tinker_recovery.core.model import CheckpointKind, CheckpointView, RunView
-from tinker_recovery.errors import RecoveryError, RemoteRejected, RemoteUnavailable
+from tinker_recovery.errors import (
+    InconsistentListing,
+    RecoveryError,
+    RemoteRejected,
+    RemoteUnavailable,
+)
 from tinker_recovery.shell.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -50,6 +55,8 @@ def poll_error_reason(exc: BaseException) -> str:
     """Map an exception to a `poll_errors_total{reason}` label value."""
     if isinstance(exc, MalformedResponse):
         return "malformed"
+    if isinstance(exc, InconsistentListing):
+        return "inconsistent"
     if isinstance(exc, RemoteRejected):
         return "rejected"
     if isinstance(exc, GatewayUnavailable):

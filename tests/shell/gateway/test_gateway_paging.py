@@ -73,7 +73,7 @@ async def test_run_shifted_across_a_page_boundary_is_returned_once() -> None:
     server = FakeTinker(runs=[make_run(i) for i in range(200)])
 
     def insert_newest_first(offset: int) -> None:
-        if offset == 0:
+        if offset == 0 and len(server.runs) == 200:
             server.runs.insert(0, make_run(999))
 
     server.on_page = insert_newest_first
@@ -81,9 +81,12 @@ async def test_run_shifted_across_a_page_boundary_is_returned_once() -> None:
     runs = await rig.gateway.list_runs()
     ids = [r.run_id for r in runs]
     assert len(ids) == len(set(ids))
-    # The run pushed from page 0 into page 1 appears once; the new tail run is fetched too.
+    # The first listing saw the run pushed from page 0 into page 1 twice; the re-list is
+    # consistent: each run once, the new one and the tail run included.
     assert "sess-000099:train:0" in ids
     assert "sess-000199:train:0" in ids
+    assert "sess-000999:train:0" in ids
+    assert len(ids) == 201
 
 
 async def test_pages_in_flight_never_exceed_the_limit() -> None:
