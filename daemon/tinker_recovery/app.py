@@ -209,6 +209,9 @@ async def main(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
     daemon.health.config_loaded = True
     daemon.health.store_open = True
     daemon.metrics.build_info.info({"version": __version__})
+    daemon.metrics.config_loaded(
+        at_unix_s=daemon.clock.now().timestamp(), dry_run=settings.policy.dry_run
+    )
     log.info("daemon_starting", version=__version__, replica=replica_name(settings))
     daemon.guard.add_listener(lambda leading: _on_leadership(daemon, leading))
     exit_code = 0
@@ -330,9 +333,13 @@ async def _reloader(daemon: Daemon, stop: asyncio.Event, requested: asyncio.Even
                 fresh = config_loader.load_settings(daemon.config_path)
             except ConfigError as exc:
                 log.error("config_reload_failed", error=str(exc), kept="previous configuration")
+                daemon.metrics.config_reload_failed()
                 outcome = "reload failed: kept the previous configuration (see the log)"
             else:
                 apply_reload(daemon, fresh)
+                daemon.metrics.config_reloaded(
+                    at_unix_s=daemon.clock.now().timestamp(), dry_run=fresh.policy.dry_run
+                )
         daemon.notifier.ready(outcome)
 
 

@@ -40,6 +40,13 @@ CONTRACT: dict[str, MetricType] = {
     "tinker_recovery_leader": "gauge",
     "tinker_recovery_handoffs": "counter",
     "tinker_recovery_checkpoints_rejected": "counter",
+    # issue 11: what an on-call engineer needs to see
+    "tinker_recovery_api_request_duration_seconds": "histogram",
+    "tinker_recovery_fleet_paused": "gauge",
+    "tinker_recovery_dry_run": "gauge",
+    "tinker_recovery_config_reloads": "counter",
+    "tinker_recovery_config_last_reload_successful": "gauge",
+    "tinker_recovery_config_last_reload_success_timestamp_seconds": "gauge",
 }
 
 _SUFFIXES: dict[MetricType, tuple[str, ...]] = {

@@ -8,7 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tinker_recovery
 from tinker_recovery.core.model import AttemptOutcome, DecisionKind, LineageState
-from tinker_recovery.obs.metrics import POLL_ERROR_REASONS, Metrics
+from tinker_recovery.core.ranking import RejectionReason
+from tinker_recovery.obs.metrics import API_ENDPOINTS, HANDOFF_TYPES, POLL_ERROR_REASONS, Metrics
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_known_label_values_exist_at_zero_before_any_event(registry: CollectorRe
     for outcome in AttemptOutcome:
         value = registry.get_sample_value("tinker_recovery_attempts_total", {"outcome": outcome})
         assert value == 0
-    assert len(POLL_ERROR_REASONS) == 7
+    assert len(POLL_ERROR_REASONS) == 9
     for reason in POLL_ERROR_REASONS:
         value = registry.get_sample_value("tinker_recovery_poll_errors_total", {"reason": reason})
         assert value == 0
@@ -103,3 +104,81 @@ def test_separate_registries_do_not_share_counts() -> None:
     Metrics(second)
     assert first.get_sample_value("tinker_recovery_corruptions_detected_total") == 1
     assert second.get_sample_value("tinker_recovery_corruptions_detected_total") == 0
+
+
+def test_first_rejection_burst_is_visible_because_every_reason_starts_at_zero(
+    registry: CollectorRegistry,
+) -> None:
+    # increase() needs a sample before the first event: an unseen series that appears at 5
+    # reads as no increase at all.
+    Metrics(registry)
+    for reason in RejectionReason:
+        labels = {"reason": reason.value}
+        assert registry.get_sample_value("tinker_recovery_checkpoints_rejected_total", labels) == 0
+
+
+def test_reasons_other_components_count_are_pre_created(registry: CollectorRegistry) -> None:
+    Metrics(registry)
+    for reason in ("store", "inconsistent"):
+        labels = {"reason": reason}
+        assert registry.get_sample_value("tinker_recovery_poll_errors_total", labels) == 0
+    for handoff_type in HANDOFF_TYPES:
+        for outcome in ("succeeded", "failed"):
+            labels = {"type": handoff_type, "outcome": outcome}
+            assert registry.get_sample_value("tinker_recovery_handoffs_total", labels) == 0
+    for outcome in ("success", "failure"):
+        labels = {"outcome": outcome}
+        assert registry.get_sample_value("tinker_recovery_config_reloads_total", labels) == 0
+
+
+def test_api_latency_is_a_histogram_per_endpoint(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    for endpoint in API_ENDPOINTS:
+        labels = {"endpoint": endpoint}
+        assert (
+            registry.get_sample_value("tinker_recovery_api_request_duration_seconds_count", labels)
+            == 0
+        )
+    metrics.observe_api_latency("list_runs", 0.04)
+    metrics.observe_api_latency("list_runs", 3.0)
+    get = registry.get_sample_value
+    name = "tinker_recovery_api_request_duration_seconds"
+    assert get(f"{name}_count", {"endpoint": "list_runs"}) == 2
+    assert get(f"{name}_bucket", {"endpoint": "list_runs", "le": "0.05"}) == 1
+    assert get(f"{name}_bucket", {"endpoint": "list_runs", "le": "5.0"}) == 2
+    assert get(f"{name}_count", {"endpoint": "get_run"}) == 0
+
+
+def test_fleet_pause_and_dry_run_are_gauges(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    get = registry.get_sample_value
+    assert get("tinker_recovery_fleet_paused") == 0
+    assert get("tinker_recovery_dry_run") == 0
+    metrics.set_fleet_paused(True)
+    metrics.set_dry_run(True)
+    assert get("tinker_recovery_fleet_paused") == 1
+    assert get("tinker_recovery_dry_run") == 1
+    metrics.set_fleet_paused(False)
+    assert get("tinker_recovery_fleet_paused") == 0
+
+
+def test_config_reloads_follow_prometheus_own_series(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    get = registry.get_sample_value
+    metrics.config_loaded(at_unix_s=1000.0, dry_run=False)
+    assert get("tinker_recovery_config_last_reload_successful") == 1
+    assert get("tinker_recovery_config_last_reload_success_timestamp_seconds") == 1000.0
+    # The start is a load, not a reload.
+    assert get("tinker_recovery_config_reloads_total", {"outcome": "success"}) == 0
+
+    metrics.config_reload_failed()
+    assert get("tinker_recovery_config_last_reload_successful") == 0
+    assert get("tinker_recovery_config_reloads_total", {"outcome": "failure"}) == 1
+    # The time of the configuration still running does not move on a refusal.
+    assert get("tinker_recovery_config_last_reload_success_timestamp_seconds") == 1000.0
+
+    metrics.config_reloaded(at_unix_s=2000.0, dry_run=True)
+    assert get("tinker_recovery_config_last_reload_successful") == 1
+    assert get("tinker_recovery_config_last_reload_success_timestamp_seconds") == 2000.0
+    assert get("tinker_recovery_config_reloads_total", {"outcome": "success"}) == 1
+    assert get("tinker_recovery_dry_run") == 1

@@ -21,13 +21,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import tinker_recovery
 from tinker_recovery.core.model import AttemptOutcome, DecisionKind, LineageState
+from tinker_recovery.core.ranking import RejectionReason
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
 
 PREFIX: Final = "tinker_recovery"
 
+# "store": the cycle lost its store (read or fenced write); "inconsistent": the listing never
+# settled (duplicate ids or a total that moved) within the cycle's budget.
 PollErrorReason = Literal[
-    "timeout", "connection", "http_5xx", "rate_limited", "rejected", "malformed", "other"
+    "timeout",
+    "connection",
+    "http_5xx",
+    "rate_limited",
+    "rejected",
+    "malformed",
+    "store",
+    "inconsistent",
+    "other",
 ]
 POLL_ERROR_REASONS: Final[tuple[str, ...]] = get_args(PollErrorReason)
 
@@ -36,9 +47,26 @@ HANDOFF_TYPES: Final[tuple[str, ...]] = get_args(HandoffType)
 # Pre-created outcomes only; callers may add others (e.g. "timeout") as the executor defines them.
 HANDOFF_OUTCOMES: Final[tuple[str, ...]] = ("succeeded", "failed")
 
+# The gateway's endpoint templates: the `endpoint` label of the API latency histogram.
+ApiEndpoint = Literal[
+    "client_config",
+    "auth_token",
+    "list_runs",
+    "get_run",
+    "list_checkpoints",
+    "weights_info",
+    "set_checkpoint_ttl",
+]
+API_ENDPOINTS: Final[tuple[str, ...]] = get_args(ApiEndpoint)
+
+ReloadOutcome = Literal["success", "failure"]
+RELOAD_OUTCOMES: Final[tuple[str, ...]] = get_args(ReloadOutcome)
+
 # Buckets, in seconds, sized to what each measures.
 # A poll is one HTTP page (milliseconds) up to a whole cycle with retries (a minute or two).
 POLL_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# One Tinker API request: milliseconds when healthy, up to request_timeout (seconds) when not.
+API_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # One attempt: select + validate + protect + optional SDK restore + handoff + confirm.
 ATTEMPT_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
 # Detected -> confirmed: seconds when the job restarts at once, hours with backoff and retries.
@@ -166,6 +194,45 @@ class Metrics:
             namespace=PREFIX,
             registry=reg,
         )
+        self.api_request_duration = Histogram(
+            "api_request_duration_seconds",
+            "Latency of one Tinker API request (answered or not), by endpoint template.",
+            ["endpoint"],
+            namespace=PREFIX,
+            registry=reg,
+            buckets=API_BUCKETS,
+        )
+        self.fleet_paused = Gauge(
+            "fleet_paused",
+            "1 while an operator (or the breaker in hold mode) holds the whole fleet.",
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.dry_run = Gauge(
+            "dry_run",
+            "1 while the policy runs in dry-run mode (decides, logs, hands nothing off).",
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.config_reloads = Counter(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by outcome.",
+            ["outcome"],
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.config_last_reload_successful = Gauge(
+            "config_last_reload_successful",
+            "1 if the last configuration load (start or reload) applied, 0 if it was refused.",
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.config_last_reload_success_timestamp = Gauge(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load (start or reload) that applied.",
+            namespace=PREFIX,
+            registry=reg,
+        )
         self._precreate()
 
     def _precreate(self) -> None:
@@ -181,6 +248,43 @@ class Metrics:
         for handoff_type in HANDOFF_TYPES:
             for handoff_outcome in HANDOFF_OUTCOMES:
                 self.handoffs.labels(type=handoff_type, outcome=handoff_outcome)
+        for rejection in RejectionReason:
+            self.checkpoints_rejected.labels(reason=rejection.value)
+        for endpoint in API_ENDPOINTS:
+            self.api_request_duration.labels(endpoint=endpoint)
+        for reload_outcome in RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome=reload_outcome)
+
+    def observe_api_latency(self, endpoint: str, seconds: float) -> None:
+        """Record one Tinker API request's latency (call once per HTTP attempt, answered or not)."""
+        self.api_request_duration.labels(endpoint=endpoint).observe(max(0.0, seconds))
+
+    def set_fleet_paused(self, paused: bool) -> None:
+        """`fleet_paused` follows the fleet-wide hold (`*`), which `lineages{state}` cannot show."""
+        self.fleet_paused.set(1 if paused else 0)
+
+    def set_dry_run(self, dry_run: bool) -> None:
+        self.dry_run.set(1 if dry_run else 0)
+
+    def config_loaded(self, *, at_unix_s: float, dry_run: bool) -> None:
+        """The configuration (at start, or a reload) applied: success series, dry-run gauge.
+
+        The start counts as a successful load, as in Prometheus, so the timestamp is never 0
+        on a healthy daemon; only reloads count in `config_reloads_total`.
+        """
+        self.config_last_reload_successful.set(1)
+        self.config_last_reload_success_timestamp.set(at_unix_s)
+        self.set_dry_run(dry_run)
+
+    def config_reloaded(self, *, at_unix_s: float, dry_run: bool) -> None:
+        """A SIGHUP reload applied the fresh file."""
+        self.config_reloads.labels(outcome="success").inc()
+        self.config_loaded(at_unix_s=at_unix_s, dry_run=dry_run)
+
+    def config_reload_failed(self) -> None:
+        """A SIGHUP reload was refused; the previous configuration (and its timestamp) stays."""
+        self.config_reloads.labels(outcome="failure").inc()
+        self.config_last_reload_successful.set(0)
 
     def set_lineage_counts(self, counts: dict[LineageState, int]) -> None:
         """Set `lineages{state}` for every state at once (states absent from `counts` -> 0)."""
