@@ -273,6 +273,105 @@ async def test_recover_rejects_bad_bodies(
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "detail"),
+    [
+        pytest.param("/recover", b"[" * 5000 + b"]" * 5000, "nested too deeply", id="deep-list"),
+        pytest.param(
+            "/pause",
+            b'{"lineage": ' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}",
+            "nested",
+            id="deep-object",
+        ),
+        pytest.param("/pause", b"\xff\xfe{}", "body must be JSON", id="not-utf8"),
+        pytest.param("/pause", b"[1, 2]", "dictionary", id="not-an-object"),
+        pytest.param("/pause", b'{"lineage": 7}', "string", id="lineage-not-a-string"),
+        pytest.param(
+            "/pause", b'{"lineage": "' + b"l" * 257 + b'"}', "256", id="lineage-over-256-chars"
+        ),
+        pytest.param("/pause", b'{"lineage": "two words"}', "whitespace", id="lineage-with-space"),
+        pytest.param("/resume", b'{"lineage": ""}', "256", id="lineage-empty"),
+        pytest.param("/recover", b'{"run_id": "' + b"r" * 300 + b'"}', "256", id="run-id-too-long"),
+        pytest.param(
+            "/recover", b'{"run_id": "r", "checkpoint": "not-a-path"}', "tinker://", id="bad-path"
+        ),
+        pytest.param(
+            "/recover",
+            b'{"run_id": "r", "checkpoint": "tinker://r/w/1 x"}',
+            "whitespace",
+            id="path-with-space",
+        ),
+    ],
+)
+async def test_malformed_bodies_are_400_never_500(
+    health: http.Health, operator: FakeOperator, path: str, body: bytes, detail: str
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    async with _client(health, operator, TOKEN) as client:
+        response = await client.post(path, headers=auth, content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_request"
+    assert detail in response.json()["detail"]
+    assert len(response.content) < 1000  # the refusal never echoes the input
+    assert operator.calls == []
+
+
+async def test_a_lineage_id_at_the_limit_is_accepted(
+    health: http.Health, operator: FakeOperator
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    longest = "l" * 256
+    async with _client(health, operator, TOKEN) as client:
+        response = await client.post("/pause", headers=auth, json={"lineage": longest})
+    assert response.status_code == 200
+    assert operator.calls == [("pause", longest)]
+
+
+async def test_a_declared_oversized_body_is_413_before_reading(
+    health: http.Health, operator: FakeOperator
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = b'{"lineage": "' + b"x" * (http.MAX_BODY_BYTES + 10) + b'"}'
+    async with _client(health, operator, TOKEN) as client:
+        response = await client.post("/pause", headers=auth, content=body)
+    assert response.status_code == 413
+    assert response.json()["error"] == "payload_too_large"
+    assert operator.calls == []
+
+
+async def test_a_streamed_body_is_cut_off_at_the_cap(
+    health: http.Health, operator: FakeOperator
+) -> None:
+    # No Content-Length (chunked): the server must stop reading once past the cap, not buffer
+    # the whole 20 MB.
+    sent = 0
+
+    async def chunks() -> Any:
+        nonlocal sent
+        yield b'{"lineage": "'
+        for _ in range(20 * 1024):
+            sent += 1024
+            yield b"x" * 1024
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with _client(health, operator, TOKEN) as client:
+        response = await client.post("/pause", headers=auth, content=chunks())
+    assert response.status_code == 413
+    assert sent < 20 * 1024 * 1024
+    assert operator.calls == []
+
+
+async def test_a_non_numeric_content_length_is_400(
+    health: http.Health, operator: FakeOperator
+) -> None:
+    app = _client(health, operator, TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Length": "12abc"}
+    async with app as client:
+        response = await client.post("/pause", headers=auth, content=b"{}")
+    assert response.status_code == 400
+    assert operator.calls == []
+
+
+@pytest.mark.parametrize(
     ("error", "status"),
     [
         pytest.param(LookupError("no lineage lin-x"), 404, id="unknown-lineage"),

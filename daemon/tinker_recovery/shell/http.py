@@ -6,7 +6,11 @@ uvicorn's own signal handlers are off (the daemon owns signals) and so is its lo
 records go through structlog like everything else).
 
 Mutating endpoints (POST /pause, /resume, /recover) exist only when a bearer token is configured
-and an `OperatorApi` is given. The token is compared in constant time and never echoed.
+and an `OperatorApi` is given. The token is compared in constant time and never echoed. Their
+bodies are bounded before anything is parsed: at most `MAX_BODY_BYTES` are read (413 beyond),
+every malformed body is a 400 (including nesting deep enough to exhaust the parser's recursion),
+and ids obey the limits the rest of the daemon applies (`core.lineage.is_valid_lineage_id`), so
+a hold that could never match a lineage is refused instead of stored.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import structlog
 import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tinker_recovery.core import lineage as core_lineage
 from tinker_recovery.errors import FencedOut
 from tinker_recovery.obs import logs
 from tinker_recovery.shell.clock import Clock
@@ -132,15 +137,54 @@ class OperatorApi(Protocol):
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
+# Operator bodies are a few short strings; anything near this size is a mistake or an attack.
+MAX_BODY_BYTES = 16 * 1024
+# A tinker:// path is a run id plus a short suffix (`/weights/000020`).
+MAX_CHECKPOINT_PATH_CHARS = 1024
+CHECKPOINT_SCHEME = "tinker://"
+
+
+def _check_id(value: str, what: str) -> str:
+    if not core_lineage.is_valid_lineage_id(value):
+        raise ValueError(
+            f"{what} must be 1 to {core_lineage.MAX_LINEAGE_ID_CHARS} printable characters "
+            "without whitespace"
+        )
+    return value
+
+
 class _LineageBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    lineage: str | None = Field(None, min_length=1)
+    lineage: str | None = None
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage_id(cls, value: str | None) -> str | None:
+        return None if value is None else _check_id(value, "a lineage id")
 
 
 class _RecoverBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    run_id: str = Field(min_length=1)
-    checkpoint: str | None = Field(None, min_length=1)
+    run_id: str
+    checkpoint: str | None = Field(None, max_length=MAX_CHECKPOINT_PATH_CHARS)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        # A run id is what a lineage id defaults to, so the same limits apply.
+        return _check_id(value, "a run id")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        run = value.removeprefix(CHECKPOINT_SCHEME).split("/", 1)[0]
+        if not value.startswith(CHECKPOINT_SCHEME) or not core_lineage.is_valid_lineage_id(run):
+            raise ValueError("a checkpoint must be a tinker://RUN/... path")
+        if not value.isprintable() or any(ch.isspace() for ch in value):
+            raise ValueError("a checkpoint path must be printable, without whitespace")
+        return value
 
 
 def _error(status: int, code: str, detail: str, **headers: str) -> JSONResponse:
@@ -231,18 +275,50 @@ def _check_token(request: Request, token_bytes: bytes) -> None:
         )
 
 
+def _too_large() -> _Refused:
+    return _Refused(
+        _error(413, "payload_too_large", f"body must be at most {MAX_BODY_BYTES} bytes")
+    )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, read only up to MAX_BODY_BYTES: a declared or actual excess is a 413."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise _Refused(_error(400, "bad_request", "invalid Content-Length"))
+        if int(declared) > MAX_BODY_BYTES:
+            raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _parse(request: Request, model: type[_Body]) -> _Body:
-    raw = await request.body()
+    raw = await _read_body(request)
     try:
         data = json.loads(raw) if raw.strip() else {}
         return model.model_validate(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except RecursionError:
+        # `[[[[...` a few thousand deep (well within the size cap) exhausts json's recursion.
+        raise _Refused(_error(400, "bad_request", "body is nested too deeply")) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if isinstance(exc, ValidationError):
+            raise _Refused(_error(400, "bad_request", _validation_detail(exc))) from None
         raise _Refused(_error(400, "bad_request", "body must be JSON")) from None
-    except ValidationError as exc:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise _Refused(_error(400, "bad_request", detail)) from None
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    # Messages only, never the input: a refused body may be huge or carry a secret.
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
 
 
 def _operator_routes(operator: OperatorApi, token_bytes: bytes) -> list[Route]:
