@@ -67,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="emulator + daemon + a scripted incident")
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
     demo.add_argument("--jobs", type=int, default=4)
+
+    from tinker_recovery.jobside import exec as exec_command
+
+    job = sub.add_parser(
+        "exec",
+        help="run a training job under recovery (tags its runs, resumes cookbook jobs)",
+        description=exec_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    exec_command.add_arguments(job)
     return parser
 
 
@@ -106,6 +116,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tinker_recovery import emulator
 
         return emulator.serve(args.host, args.port, args.runs, args.seed, args.page_max)
+    if command == "exec":
+        from tinker_recovery.jobside import exec as exec_command
+
+        return exec_command.run(args)
     if command == "demo":
         from tinker_recovery.demo import run as run_demo
 

@@ -78,9 +78,13 @@ class HandoffRequest:
     idempotency_key: str
     restore_optimizer: bool
     user_metadata: Mapping[str, str]  # the TAG_* keys the successor must carry
+    # restore: sdk hands off a fresh copy (checkpoint_path) of this original checkpoint; jobs
+    # that keep their own records of checkpoints (tinker-cookbook's checkpoints.jsonl) look the
+    # loop state up by it. None when the original itself is handed off.
+    source_checkpoint_path: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "event": "tinker_recovery.handoff",
             "lineage_id": self.lineage_id,
             "corrupted_run_id": self.corrupted_run_id,
@@ -90,6 +94,9 @@ class HandoffRequest:
             "restore_optimizer": self.restore_optimizer,
             "user_metadata": dict(self.user_metadata),
         }
+        if self.source_checkpoint_path is not None:  # absent, not null: older receivers
+            body["source_checkpoint_path"] = self.source_checkpoint_path
+        return body
 
     def placeholder_values(self) -> dict[str, str]:
         return {
@@ -112,6 +119,8 @@ class HandoffRequest:
             "TINKER_RECOVERY_RESTORE_OPTIMIZER": values["restore_optimizer"],
             "TINKER_RECOVERY_USER_METADATA": json.dumps(dict(self.user_metadata), sort_keys=True),
         }
+        if self.source_checkpoint_path is not None:
+            env["TINKER_RECOVERY_SOURCE_CHECKPOINT"] = self.source_checkpoint_path
         return env
 
 
