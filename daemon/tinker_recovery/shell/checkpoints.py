@@ -35,6 +35,19 @@ log = structlog.get_logger(__name__)
 # Earlier runs of a lineage whose checkpoints are listed as fallbacks; bounds per-attempt calls.
 _MAX_EARLIER_RUNS = 8
 
+# Answers to weights_info that are a verdict on the checkpoint named in the request: its path
+# does not parse or resolve (400/422), or it does not exist (404/410). Everything else (401, 403,
+# 429, 5xx, a transport error, a 2xx body that does not fit the model) is about our credentials,
+# the service or the wire, and never marks a checkpoint bad: nothing clears bad_checkpoints.
+_CHECKPOINT_VERDICTS = frozenset({400, 404, 410, 422})
+# list_checkpoints answers that mean "this run and its checkpoints are gone".
+_RUN_GONE = frozenset({404, 410})
+
+
+def _is_verdict_on_checkpoint(exc: RemoteRejected) -> bool:
+    # A MalformedResponse carries the 2xx status it arrived with (or none), so it never matches.
+    return exc.status_code in _CHECKPOINT_VERDICTS
+
 
 class Gateway(Protocol):
     """The part of shell/gateway.py the executor's checkpoint steps use."""
@@ -133,6 +146,12 @@ class Checkpoints:
                     AttemptOutcome.FAILED, f"weights_info unavailable: {exc}"
                 ) from exc
             except RemoteRejected as exc:
+                if not _is_verdict_on_checkpoint(exc):
+                    # 401/403, an unexpected 4xx or a malformed 200 says nothing about this
+                    # checkpoint: marking it bad would lose it forever. Fail; retry later.
+                    raise AttemptFinished(
+                        AttemptOutcome.FAILED, f"weights_info refused: {exc}"
+                    ) from exc
                 await self._ledger.reject(
                     tracked, checkpoint, ranking.RejectionReason.UNLOADABLE, exc
                 )
@@ -176,30 +195,35 @@ class Checkpoints:
     async def _candidates(
         self, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
     ) -> list[CheckpointView]:
-        try:
-            found = list(await self._gateway.list_checkpoints(run.run_id))
-        except RemoteUnavailable as exc:
-            raise AttemptFinished(
-                AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
-            ) from exc
-        except RemoteRejected as exc:
-            log.warning("checkpoints_unlisted", run_id=run.run_id, reason=str(exc))
-            found = []
+        found = await self._listed(run.run_id)
         if run.last_checkpoint is not None:
             found.append(run.last_checkpoint)
         # Fallbacks: checkpoints of the lineage's earlier runs, newest attempt first.
         earlier_runs = [a.corrupted_run_id for a in reversed(earlier)] + [lineage.root_run_id]
         fallbacks = [r for r in dict.fromkeys(earlier_runs) if r != run.run_id]
         for other in fallbacks[:_MAX_EARLIER_RUNS]:
-            try:
-                found.extend(await self._gateway.list_checkpoints(other))
-            except RemoteRejected as exc:  # an old run may be gone, its checkpoints with it
-                log.info("checkpoints_unlisted", run_id=other, reason=str(exc))
-            except RemoteUnavailable as exc:
-                raise AttemptFinished(
-                    AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
-                ) from exc
+            found.extend(await self._listed(other))
         return found
+
+    async def _listed(self, run_id: str) -> list[CheckpointView]:
+        """The run's checkpoints; none only when the service says the run is gone (404/410).
+
+        Any other trouble (unavailable, 401/403, a malformed answer) fails the attempt: read as
+        "no checkpoints", it would hand off an older checkpoint than the run really has."""
+        try:
+            return list(await self._gateway.list_checkpoints(run_id))
+        except RemoteUnavailable as exc:
+            raise AttemptFinished(
+                AttemptOutcome.FAILED, f"list_checkpoints unavailable: {exc}"
+            ) from exc
+        except RemoteRejected as exc:
+            if exc.status_code not in _RUN_GONE:
+                raise AttemptFinished(
+                    AttemptOutcome.FAILED, f"list_checkpoints refused: {exc}"
+                ) from exc
+            # The run (an old one, or the corrupted one) is gone, its checkpoints with it.
+            log.info("checkpoints_unlisted", run_id=run_id, reason=str(exc))
+            return []
 
     async def _protect(self, tracked: Tracked, chosen: CheckpointView, **found: Any) -> None:
         """Extend the chosen checkpoint's TTL to the rule's protect_ttl, if it sets one."""
