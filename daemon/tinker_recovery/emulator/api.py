@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tinker_recovery.emulator import fleet, training
+from tinker_recovery.emulator import fleet, sampling, training
 from tinker_recovery.emulator.faults import FaultSpec
 from tinker_recovery.emulator.state import ApiError, Emulator, Scope
 
@@ -239,19 +239,19 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
         return JSONResponse(payload)
 
     async def forward_backward(request: Request, keep: float | None) -> Response:
-        if "protobuf" not in request.headers.get("content-type", ""):
-            return JSONResponse(training.forward_backward(emu, await read_json(request)))
-        if request.headers.get("content-encoding"):
-            raise ApiError(400, "compressed forward_backward bodies are not supported")
-        # The SDK sends this request as protobuf; only the model id matters here.
-        from tinker.proto import tinker_public_pb2 as public_pb
+        # Imported here: protobuf is only needed by the job scripts that train.
+        from tinker_recovery.emulator import wire
 
-        message = public_pb.ForwardBackwardRequest()
-        try:
-            message.ParseFromString(await request.body())
-        except Exception as exc:  # protobuf's DecodeError; its module has no type stubs
-            raise ApiError(400, "request body is not a ForwardBackwardRequest") from exc
-        return JSONResponse(training.forward_backward(emu, {"model_id": message.model_id}))
+        if "protobuf" not in request.headers.get("content-type", ""):
+            parsed = wire.fwdbwd_from_json(await read_json(request))
+        elif request.headers.get("content-encoding"):
+            raise ApiError(400, "compressed forward_backward bodies are not supported")
+        else:
+            parsed = wire.fwdbwd_from_proto(await request.body())
+        return JSONResponse(training.forward_backward(emu, parsed))
+
+    async def get_sampler(request: Request, keep: float | None) -> Response:
+        return JSONResponse(sampling.get_sampler(emu, request.path_params["sampler_id"]))
 
     async def auth_token(request: Request, keep: float | None) -> Response:
         raise ApiError(404, "JWT exchange is not enabled on this server")
@@ -299,6 +299,14 @@ def routes(emu: Emulator) -> list[Route]:  # noqa: C901 - a flat table of small 
         ),
         ("optim_step", "/api/v1/optim_step", ["POST"], body_call(training.optim_step)),
         ("unload_model", "/api/v1/unload_model", ["POST"], body_call(training.unload_model)),
+        (
+            "create_sampling_session",
+            "/api/v1/create_sampling_session",
+            ["POST"],
+            body_call(sampling.create_sampling_session),
+        ),
+        ("get_sampler", "/api/v1/samplers/{sampler_id}", ["GET"], get_sampler),
+        ("asample", "/api/v1/asample", ["POST"], body_call(sampling.asample)),
         ("retrieve_future", "/api/v1/retrieve_future", ["POST"], retrieve),
     ]
     return [

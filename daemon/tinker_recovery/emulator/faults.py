@@ -45,6 +45,9 @@ ENDPOINTS = frozenset(
         "optim_step",
         "unload_model",
         "retrieve_future",
+        "create_sampling_session",
+        "get_sampler",
+        "asample",
     }
 )
 """Stable endpoint names, used for fault scoping and request counts."""

@@ -68,6 +68,17 @@ class Checkpoint:
     user_metadata: dict[str, str] | None = None
     listed_after_expiry: bool = False
     """An operator's lever: keep listing it (with a past expires_at) after it expired."""
+    step: int | None = None
+    """Optimizer steps the saved state had taken (for the emulated loss curve)."""
+
+    @property
+    def train_step(self) -> int:
+        """The step a restore from this checkpoint resumes at: as saved, else from the name
+        (periodic checkpoints are named by step), else 0."""
+        if self.step is not None:
+            return self.step
+        name = self.checkpoint_id.split("/", 1)[1]
+        return int(name) if name.isdigit() else 0
 
     @property
     def checkpoint_type(self) -> CheckpointType:
@@ -122,6 +133,8 @@ class Run:
     project_id: str | None = None
     corrupted_at: float | None = None
     loaded_from: str | None = None
+    steps: int = 0
+    """Optimizer steps taken (session runs; a restore starts from its checkpoint's step)."""
     overlay: dict[str, Checkpoint] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     version: int = 0

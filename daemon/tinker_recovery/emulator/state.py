@@ -30,6 +30,23 @@ Scope = Literal["owned", "accessible"]
 FUTURES_KEPT = 10_000
 SESSION_TIMEOUT_S = 60.0
 """A session that sent nothing for this long (wall seconds) is dead; the SDK beats every 10 s."""
+MIN_TTL_S = 3600
+"""The service refuses a checkpoint `ttl_seconds` below this (tinker-cookbook issue #603)."""
+
+
+def check_ttl(ttl_seconds: object) -> int | None:
+    """A checkpoint TTL as the service accepts it: null, or whole seconds of at least an hour.
+
+    Anything else is a 400 with the reason, as the service answers (the SDK raises it as
+    `BadRequestError` at once, without retrying).
+    """
+    if ttl_seconds is None:
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
+        raise ApiError(400, "ttl_seconds must be an integer number of seconds or null")
+    if ttl_seconds < MIN_TTL_S:
+        raise ApiError(400, f"ttl_seconds must be at least {MIN_TTL_S} seconds (got {ttl_seconds})")
+    return ttl_seconds
 
 
 class ApiError(Exception):
@@ -54,6 +71,21 @@ class Session:
     tags: list[str] = field(default_factory=list)
     finished: str | None = None
     run_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Sampler:
+    """A sampling session: a fixed snapshot of weights that `asample` requests draw from."""
+
+    sampler_id: str
+    session_id: str
+    base_model: str
+    model_path: str | None
+    """The sampler checkpoint it was created from; None for a base model or a snapshot
+    taken by `save_weights_and_get_sampling_client`."""
+    step: int
+    """Optimizer step of the weights it serves (for the emulated logprobs)."""
+    samples: int = 0
 
 
 @dataclass(slots=True)
@@ -92,6 +124,7 @@ class Emulator:
         self.sessions: dict[str, Session] = {}
         self.futures: OrderedDict[str, PendingFuture] = OrderedDict()
         self.unloadable: dict[str, str] = {}
+        self.samplers: dict[str, Sampler] = {}
         self.rng = random.Random(config.seed + 1)
         self._future_seq = 0
         self._release: asyncio.Event | None = None
@@ -118,6 +151,12 @@ class Emulator:
 
     def monotonic(self) -> float:
         return self._monotonic()
+
+    def seen(self, session: Session) -> None:
+        """A request from `session` arrived: it is alive (runs progress only through training
+        requests and heartbeats, see training.py)."""
+        session.last_seen = self.now()
+        session.last_seen_mono = self._monotonic()
 
     def session_alive(self, session: Session) -> bool:
         if session.finished is not None:
@@ -205,16 +244,20 @@ class Emulator:
 
     # -- futures --------------------------------------------------------------------------
     def submit(
-        self, payload: dict[str, Any] | bytes, model_id: str | None = None
+        self,
+        payload: dict[str, Any] | bytes,
+        model_id: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Register a finished operation and return the untyped future the SDK polls."""
+        """Register a finished operation and return the untyped future the SDK polls
+        (plus `extra` keys, e.g. a sample's `sample_sequence_ids`)."""
         with self.lock:
             self._future_seq += 1
             request_id = f"req-{self._future_seq}"
             self.futures[request_id] = PendingFuture(payload, self.config.future_try_again)
             while len(self.futures) > FUTURES_KEPT:
                 self.futures.popitem(last=False)
-        out: dict[str, Any] = {"request_id": request_id}
+        out: dict[str, Any] = {"request_id": request_id, **(extra or {})}
         if model_id is not None:
             out["model_id"] = model_id
         return out
@@ -327,10 +370,7 @@ class Emulator:
             run.touch()
 
     def set_ttl(self, run_id: str, checkpoint_id: str, ttl_seconds: object) -> None:
-        if ttl_seconds is not None and (
-            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
-        ):
-            raise ApiError(400, "ttl_seconds must be a positive integer or null")
+        ttl_seconds = check_ttl(ttl_seconds)
         with self.lock:
             run, ckpt = self.checkpoint_by_id(run_id, checkpoint_id)
             expires = None if ttl_seconds is None else self.now() + ttl_seconds

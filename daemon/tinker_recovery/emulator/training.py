@@ -9,11 +9,13 @@ user_metadata exactly as sent.
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinker_recovery.emulator import fleet
-from tinker_recovery.emulator.state import ApiError, Emulator, Session
+from tinker_recovery.emulator.state import ApiError, Emulator, Sampler, Session, check_ttl
+
+if TYPE_CHECKING:
+    from tinker_recovery.emulator.wire import FwdBwdRequest
 
 
 def _str(body: dict[str, Any], key: str) -> str:
@@ -145,6 +147,7 @@ def load_weights(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
             return emu.fail("base_model does not match the checkpoint", model_id=model_id)
         run = _new_session_run(emu, session, seq, source.base_model, source.lora_rank, body)
         run.loaded_from = path
+        run.steps = emu.checkpoint(path)[1].train_step
         _progress(emu, session)
         result = {"type": "load_weights", "path": path, "model_id": model_id}
         return emu.submit(result, model_id)
@@ -169,6 +172,7 @@ def _load_into(emu: Emulator, run: fleet.Run, path: str, with_optimizer: bool) -
         problem = f"training run {run.run_id} is corrupted"
     if problem is not None:
         return emu.fail(problem, category="user", model_id=run.run_id)
+    run.steps = emu.checkpoint(path)[1].train_step
     return emu.submit({"type": "load_weights", "path": path, "model_id": run.run_id}, run.run_id)
 
 
@@ -219,9 +223,7 @@ def _driving(emu: Emulator, body: dict[str, Any]) -> tuple[fleet.Run, str | None
 
 def save_weights(emu: Emulator, body: dict[str, Any], *, sampler: bool) -> dict[str, Any]:
     """save_state (`weights/<name>`) or save_weights_for_sampler (`sampler_weights/<name>`)."""
-    ttl = body.get("ttl_seconds")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
-        raise ApiError(400, "ttl_seconds must be a positive integer or null")
+    ttl = check_ttl(body.get("ttl_seconds"))
     with emu.lock:
         run, problem = _driving(emu, body)
         kind = "save_weights_for_sampler" if sampler else "save_weights"
@@ -229,7 +231,7 @@ def save_weights(emu: Emulator, body: dict[str, Any], *, sampler: bool) -> dict[
             return emu.fail(problem, category="server", model_id=run.run_id)
         name = body.get("path")
         if name is None and sampler:
-            return emu.submit({"sampling_session_id": f"{run.run_id}:sampler", "type": kind})
+            return _snapshot_sampler(emu, run, body, kind)
         name = str(name) if name is not None else f"{body.get('seq_id') or 0:06d}"
         if "/" in name or not name:
             return emu.fail("checkpoint name must be non-empty and contain no '/'")
@@ -246,23 +248,36 @@ def save_weights(emu: Emulator, body: dict[str, Any], *, sampler: bool) -> dict[
             size if not sampler else size // 3,
             None if ttl is None else now + ttl,
             user_metadata=_metadata(body),
+            step=run.steps,
         )
         run.add_checkpoint(ckpt)
         return emu.submit({"path": ckpt.tinker_path, "type": kind})
 
 
-def forward_backward(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
+def _snapshot_sampler(
+    emu: Emulator, run: fleet.Run, body: dict[str, Any], kind: str
+) -> dict[str, Any]:
+    """`save_weights_and_get_sampling_client`: a sampling session on the current weights,
+    with no checkpoint left behind."""
+    seq = _int(body, "sampling_session_seq_id")
+    sampler_id = f"{run.session_id}:sample:{seq}"
+    if sampler_id in emu.samplers:
+        return emu.fail(f"sampling session {sampler_id} already exists")
+    emu.samplers[sampler_id] = Sampler(sampler_id, run.session_id, run.base_model, None, run.steps)
+    return emu.submit({"sampling_session_id": sampler_id, "type": kind})
+
+
+def forward_backward(emu: Emulator, request: FwdBwdRequest) -> dict[str, Any]:
+    """forward_backward and forward: per-datum `logprobs`, one per target token, as the
+    service answers (protobuf); values follow the run's step count (model.py)."""
+    from tinker_recovery.emulator import wire
+
     with emu.lock:
-        run, problem = _driving(emu, body)
+        run, problem = _driving(emu, {"model_id": request.model_id})
         if problem is not None:
             return emu.fail(problem, category="server", model_id=run.run_id)
-    # The SDK only accepts this result as protobuf; an empty output with one metric is valid.
-    # Imported here: protobuf is only needed by the rare job script that trains for real.
-    from tinker.proto import tinker_public_pb2 as public_pb
-
-    message = public_pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    message.metrics["loss:sum"] = 1.0 / (1.0 + math.log1p(emu.now() - run.created_at + 1.0))
-    return emu.submit(message.SerializeToString())
+        step = run.steps
+    return emu.submit(wire.fwdbwd_output(request.data, step))
 
 
 def optim_step(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +285,7 @@ def optim_step(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
         run, problem = _driving(emu, body)
         if problem is not None:
             return emu.fail(problem, category="server", model_id=run.run_id)
+        run.steps += 1
         return emu.submit({"metrics": {}})
 
 
