@@ -53,6 +53,9 @@ _PIPE_BUF = 4096  # one write of at most this many bytes to a FIFO is atomic (Li
 
 _lock = threading.Lock()
 _progress_reported = False
+# Read once at start-up: a job that later clears its environment is still tagged.
+_attempt_metadata: dict[str, str] = {}
+_status_path: str | None = None
 
 
 def merge_metadata(own: Any, ours: dict[str, str]) -> Any:
@@ -84,7 +87,7 @@ def our_metadata() -> dict[str, str]:
 
 def report(event: str, **fields: Any) -> None:
     """One JSON line to exec's FIFO; silently nothing if exec is not (or no longer) listening."""
-    path = os.environ.get(STATUS_ENV)
+    path = _status_path
     if not path:
         return
     line = json.dumps({"event": event, "pid": os.getpid(), **fields}, default=str)
@@ -153,7 +156,7 @@ def _wrap_creator(cls: type, name: str) -> bool:
         except TypeError:
             return args, kwargs  # a wrong call: the SDK raises its own error for it
         bound.arguments["user_metadata"] = merge_metadata(
-            bound.arguments.get("user_metadata"), our_metadata()
+            bound.arguments.get("user_metadata"), _attempt_metadata
         )
         return bound.args, bound.kwargs
 
@@ -264,6 +267,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Wrap tinker now if it is already imported, else when it is first imported."""
+    global _attempt_metadata, _status_path
+    _attempt_metadata = our_metadata()
+    _status_path = os.environ.get(STATUS_ENV) or None
     tinker = sys.modules.get("tinker")
     if tinker is not None:
         patch_tinker(tinker)
