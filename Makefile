@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# tinker-cookbook 0.6.1 for tests/cookbook/, installed with --no-deps (see tools/install-cookbook.sh)
+COOKBOOK_STAMP := $(VENV)/.cookbook-installed
 
-.PHONY: demo test lint typecheck unit tools bench bench-smoke clean
+.PHONY: demo test lint typecheck unit tools cookbook bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 2; }
@@ -14,6 +16,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(COOKBOOK_STAMP): $(STAMP) tools/install-cookbook.sh tools/cookbook-requirements.txt
+	bash tools/install-cookbook.sh $(BIN)/python
+	touch $(COOKBOOK_STAMP)
+
+cookbook: $(COOKBOOK_STAMP)
 
 tools:
 	bash tools/install-tools.sh
@@ -26,11 +34,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(wildcard daemon tests benchmarks examples)
 	cd daemon && ../$(BIN)/lint-imports ../pyproject.toml
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) $(COOKBOOK_STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy tests examples $(wildcard benchmarks/*.py)
 
-unit: $(STAMP) tools
+unit: $(STAMP) $(COOKBOOK_STAMP) tools
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/pytest -q
 
 test: lint typecheck unit
