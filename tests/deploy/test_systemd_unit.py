@@ -192,7 +192,10 @@ def test_daemon_serves_and_stops_with_memory_deny_write_execute(tmp_path: Path) 
         f"  base_url: http://127.0.0.1:{daemon_proc.free_port()}\n"  # nothing listens
         "http:\n"
         "  host: 127.0.0.1\n"
-        f"  port: {daemon_proc.free_port()}\n",
+        f"  port: {daemon_proc.free_port()}\n"
+        # The built-in recover rule has no handoff, which the preflight refuses.
+        "policy:\n"
+        "  rules: [{name: watch, action: alert}]\n",
         encoding="utf-8",
     )
     notify_path = tmp_path / "notify.sock"

@@ -8,6 +8,19 @@ effective config with every secret masked, and the JSON Schema of the config.
 It must not log secrets nor put input values into messages: pydantic's messages for our
 fields carry no input, and we never append `input`.
 
+Hostile files are bounded before they cost anything: a file over `MAX_CONFIG_BYTES` is refused
+unread, nesting deep enough to exhaust the composer's recursion is an error, and YAML aliases may
+add at most `MAX_ALIAS_EXPANSION` nodes to the document (a "billion laughs" file is a few hundred
+bytes that expand to 10**9 nodes); every walk visits a shared node once.
+
+One validation for `run` and `check-config`: `load_settings` (both call it) validates the
+models, then builds what `run` builds from them without side effects (each handoff action via
+`handoff.build_handoff`, the store object via `open_store`, neither connects nor opens files) and
+applies the cross-checks a model cannot see (a `recover` rule that could never hand off). Each
+refusal is located like a validation error. `preflight` also returns warnings: facts about this
+machine that may differ where the daemon runs (a command handoff's executable missing from
+PATH), which refuse nothing.
+
 Run `python -m tinker_recovery.shell.config_loader --schema` to print the JSON Schema
 (`config/schema.json` is that output, checked by a test).
 """
@@ -16,12 +29,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+import httpx
 import yaml
 from pydantic import BaseModel, BeforeValidator, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -38,8 +55,32 @@ from pydantic_settings import (
 from tinker_recovery import settings
 from tinker_recovery.errors import ConfigError
 from tinker_recovery.obs import logs
+from tinker_recovery.shell import handoff, procs
+from tinker_recovery.shell.clock import SystemClock
+from tinker_recovery.shell.store import open_store
 
 MASK = logs.MASK
+# A config is a few kilobytes; a megabyte is already a mistake (or a file meant to hurt).
+MAX_CONFIG_BYTES = 1024 * 1024
+# Nodes aliases may add on top of the document as written. Real configs reuse a block or two
+# (a few hundred nodes); an alias bomb needs millions.
+MAX_ALIAS_EXPANSION = 100_000
+# Our schema is six levels deep; PyYAML's pure-Python composer and scanner slow down (and then
+# overflow the stack) on thousands of levels, so anything far deeper is refused.
+MAX_DEPTH = 64
+# libyaml (C) composes in linear time and caps nesting itself; the pure-Python scanner is
+# quadratic in flow nesting. Fall back to it only where PyYAML was built without libyaml.
+_COMPOSER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What `run` would start with, and the warnings an operator should read first."""
+
+    settings: settings.Settings
+    warnings: list[str] = field(default_factory=list)
 
 
 class _MappingEnvSource(EnvSettingsSource):
@@ -84,7 +125,15 @@ def _settings_class(path: Path, env: Mapping[str, str] | None) -> type[settings.
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            # Read one byte past the cap rather than trusting st_size (FIFOs, /proc, growth).
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: config file is larger than {MAX_CONFIG_BYTES // 1024} KiB; refusing "
+                "to parse it"
+            )
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -97,15 +146,16 @@ def _read(path: Path) -> str:
 def load_settings(path: Path, *, env: Mapping[str, str] | None = None) -> settings.Settings:
     """Validate `path` (+ `env`, default `os.environ`) into Settings, or raise ConfigError.
 
+    The one validation `run` and `check-config` share (see `preflight` for its warnings).
     Registers every secret found in the result with the log redactor.
     """
+    return preflight(path, env=env).settings
+
+
+def preflight(path: Path, *, env: Mapping[str, str] | None = None) -> Preflight:
+    """`load_settings` plus warnings; raises ConfigError with one located line per refusal."""
     text = _read(path)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(yaml_error_line(path, exc)) from None
-    if root is not None and not isinstance(root, yaml.MappingNode):
-        raise ConfigError(f"{path}:1:1: the config must be a mapping of sections")
+    root = _compose(path, text)
     if duplicates := _duplicate_keys(path, root):
         # PyYAML keeps the last of two equal keys silently; an operator would not expect that.
         raise ConfigError("\n".join(duplicates))
@@ -117,13 +167,256 @@ def load_settings(path: Path, *, env: Mapping[str, str] | None = None) -> settin
         raise ConfigError("\n".join(lines)) from None
     except SettingsError as exc:
         # Raised by the env source when a complex value (JSON) from env does not parse.
-        raise ConfigError(f"env: {exc}") from None
+        raise ConfigError(_env_parse_error(exc, env)) from None
     except yaml.YAMLError as exc:  # composed fine, but e.g. a !!python tag safe_load refuses
         raise ConfigError(yaml_error_line(path, exc)) from None
 
+    from_env = _env_names(env)
+    env_map = os.environ if env is None else env
+    if refusals := [
+        located(path, root, loc, message, from_env)
+        for loc, message in runtime_refusals(loaded, env_map)
+    ]:
+        raise ConfigError("\n".join(refusals))
+    warnings = [
+        "warning: " + located(path, root, loc, message, from_env)
+        for loc, message in machine_warnings(loaded, env_map)
+    ]
+
     for secret in _secret_values(loaded):
         logs.register_secret(secret)
-    return loaded
+    return Preflight(loaded, warnings)
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+
+def _compose(path: Path, text: str) -> yaml.Node | None:
+    try:
+        root = yaml.compose(text, Loader=_COMPOSER)
+    except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):
+            raise ConfigError(f"{path}: yaml: the document is nested too deeply") from None
+        raise ConfigError(yaml_error_line(path, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: yaml: the document is nested too deeply") from None
+    if root is not None and not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:1:1: the config must be a mapping of sections")
+    if root is not None:
+        _check_alias_expansion(path, root)
+    return root
+
+
+def _children(node: yaml.Node) -> Iterator[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            yield key_node
+            yield value_node
+    elif isinstance(node, yaml.SequenceNode):
+        yield from node.value
+
+
+def _refusal(path: Path, node: yaml.Node, problem: str) -> ConfigError:
+    mark = node.start_mark
+    return ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: yaml: {problem}")
+
+
+def _check_alias_expansion(path: Path, root: yaml.Node) -> None:
+    """Refuse aliases that loop or expand the document by more than MAX_ALIAS_EXPANSION nodes,
+    and nesting deeper than MAX_DEPTH.
+
+    The composer shares one node object per anchor, so the graph is small even when its
+    expansion is astronomically large: count each node's expanded size once (memoised,
+    iterative, so neither time nor the stack depends on the expansion).
+    """
+    sizes: dict[int, int] = {}  # id(node) -> nodes it expands to, itself included
+    on_path: set[int] = set()  # nodes whose children are still being counted
+    shared: list[yaml.Node] = []  # nodes reached a second time: the targets of aliases
+    stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 1)]
+    while stack:
+        node, children_done, depth = stack.pop()
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+        elif id(node) in on_path:
+            raise _refusal(path, node, "an alias refers to the node that contains it")
+        elif id(node) in sizes:
+            shared.append(node)
+        elif depth > MAX_DEPTH:
+            raise _refusal(path, node, f"nested more than {MAX_DEPTH} levels deep")
+        else:
+            on_path.add(id(node))
+            stack.append((node, True, depth))
+            stack.extend((child, False, depth + 1) for child in _children(node))
+    expansion = sizes[id(root)] - len(sizes)
+    if expansion > MAX_ALIAS_EXPANSION:
+        worst = max(shared, key=lambda node: sizes[id(node)], default=root)
+        raise _refusal(
+            path,
+            worst,
+            f"aliases expand the document by more than {MAX_ALIAS_EXPANSION} nodes (an alias "
+            "bomb?); write the values out",
+        )
+
+
+def _env_parse_error(exc: SettingsError, env: Mapping[str, str] | None) -> str:
+    """Name the variable whose JSON value did not parse (pydantic-settings names the section)."""
+    source = os.environ if env is None else env
+    section = re.search(r'field "([^"]+)"', str(exc))
+    prefix = ("tinker_recovery_" + section.group(1) + "__") if section else "tinker_recovery_"
+    candidates = sorted(
+        name
+        for name in source
+        if name.lower().startswith(prefix) or name.lower() == prefix.removesuffix("__")
+    )
+    for name in candidates:
+        try:
+            json.loads(source[name])
+        except json.JSONDecodeError as bad:
+            # Position only: the value may hold a secret, so it never goes into the message.
+            return f"env {name}: not valid JSON: {bad.msg} at line {bad.lineno} column {bad.colno}"
+    shown = ", ".join(candidates) or (section.group(1) if section else "?")
+    return f"env {shown}: a value does not parse as JSON"
+
+
+# -- what `run` would refuse once the models are valid ------------------------------------------
+
+
+def runtime_refusals(cfg: settings.Settings, env: Mapping[str, str]) -> list[tuple[Loc, str]]:
+    """(config path, message) for everything `run` would refuse after validation succeeded."""
+    found: list[tuple[Loc, str]] = []
+    found += _handoff_refusals(cfg)
+    try:
+        # The same constructor `run` calls; it only parses the URL (no file, no connection).
+        open_store(cfg.state.url, clock=SystemClock(), state_directory=env.get("STATE_DIRECTORY"))
+    except ConfigError as exc:
+        found.append((("state", "url"), str(exc)))
+    if not cfg.policy.rules:
+        found.append(
+            (
+                ("policy", "rules"),
+                "no rules: every run would be ignored (omit the key for the "
+                "default rule, or add at least one)",
+            )
+        )
+    for i, rule in enumerate(cfg.policy.rules):
+        found += [(("policy", "rules", i, "match", *at), why) for at, why in _glob_errors(rule)]
+        if rule.action == "recover" and rule.handoff is None and rule.restore != "sdk":
+            found.append(
+                (
+                    ("policy", "rules", i, "handoff"),
+                    f"rule {rule.name!r} recovers but names no handoff and restore is "
+                    f"{rule.restore!r}: every attempt would fail; name a handoff, set "
+                    "restore: sdk, or use action: alert",
+                )
+            )
+    return found
+
+
+def _glob_errors(rule: settings.Rule) -> list[tuple[Loc, str]]:
+    """Globs fnmatch would take literally although the author meant a pattern."""
+    globs: list[tuple[Loc, str | None]] = [
+        (("run_id",), rule.match.run_id),
+        (("base_model",), rule.match.base_model),
+        (("owner",), rule.match.owner),
+    ]
+    globs += [(("labels", key), value) for key, value in rule.match.labels.items()]
+    found: list[tuple[Loc, str]] = []
+    for at, pattern in globs:
+        if pattern is not None and (problem := glob_problem(pattern)):
+            found.append((at, problem))
+    return found
+
+
+def glob_problem(pattern: str) -> str | None:
+    """Why `pattern` is not the glob it looks like, or None.
+
+    fnmatch never fails: an unclosed `[` silently becomes a literal character, so `[abc`
+    matches only the text "[abc". That is never what the author meant; `[[]` is the literal.
+    """
+    i = 0
+    while i < len(pattern):
+        if pattern[i] != "[":
+            i += 1
+            continue
+        j = i + 1
+        if j < len(pattern) and pattern[j] == "!":
+            j += 1
+        if j < len(pattern) and pattern[j] == "]":
+            j += 1  # a leading ] is a member of the set
+        while j < len(pattern) and pattern[j] != "]":
+            j += 1
+        if j >= len(pattern):
+            return (
+                f"invalid glob: the '[' at position {i + 1} is never closed (write [[] for a "
+                "literal '[')"
+            )
+        i = j + 1
+    return None
+
+
+_ARGV_PREFIX = re.compile(r"^handoff argv\[(\d+)\]: ")
+
+
+def _handoff_refusals(cfg: settings.Settings) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str]] = []
+    # Never used to send anything: the preflight only constructs the actions.
+    unused = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(500)))
+    runner = procs.SubprocessRunner()
+    for name, entry in cfg.handoffs.items():
+        try:
+            handoff.build_handoff(entry, runner=runner, http=unused, clock=SystemClock())
+        except ConfigError as exc:
+            message = str(exc)
+            loc: Loc = ("handoffs", name)
+            if match := _ARGV_PREFIX.match(message):
+                loc += ("argv", int(match.group(1)))
+                message = message[match.end() :]
+            elif isinstance(entry, settings.WebhookHandoff):
+                loc += ("url",)
+            elif isinstance(entry, settings.PythonHandoff):
+                loc += ("entry_point",)
+            found.append((loc, message.removeprefix("handoff ")))
+    return found
+
+
+def machine_warnings(cfg: settings.Settings, env: Mapping[str, str]) -> list[tuple[Loc, str]]:
+    """Facts of this machine that would make handoffs fail here (may differ where `run` runs).
+
+    A missing executable is a warning, not an error: check-config often runs elsewhere (CI, a
+    laptop) than the daemon, the daemon's PATH differs (systemd), and a job's script may be
+    deployed after the daemon's config. The attempt would fail with a clear reason anyway.
+    """
+    found: list[tuple[Loc, str]] = []
+    for name, entry in cfg.handoffs.items():
+        if not isinstance(entry, settings.CommandHandoff):
+            continue
+        program = entry.argv[0]
+        if "{" in program:
+            continue  # filled in per attempt
+        if os.sep in program:
+            base = entry.cwd if entry.cwd is not None else Path.cwd()
+            target = Path(program) if Path(program).is_absolute() else base / program
+            if not (target.is_file() and os.access(target, os.X_OK)):
+                found.append(
+                    (("handoffs", name, "argv", 0), f"{program}: no executable file there")
+                )
+        elif shutil.which(program, path=entry.env.get("PATH", env.get("PATH"))) is None:
+            found.append((("handoffs", name, "argv", 0), f"{program}: not found on PATH"))
+    return found
+
+
+def located(
+    path: Path, root: yaml.Node | None, loc: Loc, message: str, from_env: dict[tuple[str, ...], str]
+) -> str:
+    """`file:line:col: field.path: message`, or `env NAME: ...` when env set the value."""
+    lowered = tuple(str(k).lower() for k in loc)
+    blamed = next((name for p, name in from_env.items() if _overlaps(p, lowered)), None)
+    if blamed is not None:
+        return f"env {blamed}: {_dotted(loc)}: {message}"
+    mark, shown = _locate(root, loc, at_key=False)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}"
+    return f"{where}: {shown}: {message}"
 
 
 # -- locating errors -------------------------------------------------------------------------
@@ -137,8 +430,15 @@ def yaml_error_line(path: Path, exc: yaml.YAMLError) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}: yaml: {problem}"
 
 
-def _duplicate_keys(path: Path, node: yaml.Node | None, at: str = "") -> list[str]:
+def _duplicate_keys(
+    path: Path, node: yaml.Node | None, at: str = "", visited: set[int] | None = None
+) -> list[str]:
+    """Equal keys in one mapping. Each node is visited once, however many aliases share it."""
+    visited = set() if visited is None else visited
     found: list[str] = []
+    if node is None or id(node) in visited:
+        return found
+    visited.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -148,10 +448,10 @@ def _duplicate_keys(path: Path, node: yaml.Node | None, at: str = "") -> list[st
                 mark = key_node.start_mark
                 found.append(f"{path}:{mark.line + 1}:{mark.column + 1}: {where}: duplicate key")
             seen.add(key)
-            found += _duplicate_keys(path, value_node, where)
+            found += _duplicate_keys(path, value_node, where, visited)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            found += _duplicate_keys(path, item, f"{at}[{i}]")
+            found += _duplicate_keys(path, item, f"{at}[{i}]", visited)
     return found
 
 
