@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# tinker-cookbook 0.6.1 for tests/cookbook/, installed with --no-deps (see tools/install-cookbook.sh)
-COOKBOOK_STAMP := $(VENV)/.cookbook-installed
+# tinker-cookbook 0.6.1 (with torch) in a venv of its own, for the jobs tests/cookbook/ runs;
+# installed with --no-deps, see tools/install-cookbook.sh for why (and why not in .venv)
+COOKBOOK_VENV := .venv-cookbook
+COOKBOOK_STAMP := $(COOKBOOK_VENV)/.installed
 
 .PHONY: demo test lint typecheck unit tools cookbook bench bench-smoke clean
 
@@ -17,8 +19,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-$(COOKBOOK_STAMP): $(STAMP) tools/install-cookbook.sh tools/cookbook-requirements.txt
-	bash tools/install-cookbook.sh $(BIN)/python
+$(COOKBOOK_STAMP): pyproject.toml tools/install-cookbook.sh tools/cookbook-requirements.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 2; }
+	bash tools/install-cookbook.sh $(PYTHON) $(COOKBOOK_VENV)
 	touch $(COOKBOOK_STAMP)
 
 cookbook: $(COOKBOOK_STAMP)
@@ -47,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py --out benchmarks/RESULTS.md
 
 clean:
-	rm -rf $(VENV) .tools .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COOKBOOK_VENV) .tools .mypy_cache .ruff_cache
