@@ -37,7 +37,10 @@ from tinker_recovery.shell.gateway_base import (
     Credentials,
     GatewayUnavailable,
     MalformedResponse,
+    RunsPage,
     is_invalid_token,
+    malformed,
+    parse_runs_page,
     poll_error_reason,
     retry_after_s,
     to_checkpoint_view,
@@ -81,6 +84,7 @@ class TinkerGateway:
         clock: Clock,
         metrics: Metrics,
         rand: Callable[[], float] = random.random,
+        projection: bool = True,
     ) -> None:
         self._root = base_url.rstrip("/") + "/api/v1"
         self._http = http
@@ -88,6 +92,9 @@ class TinkerGateway:
         self._clock = clock
         self._metrics = metrics
         self._rand = rand
+        # Parse listing pages with the slim projection (when msgspec is installed); False keeps
+        # the SDK's models, for the benchmark's side-by-side figures.
+        self._projection = projection
         self._auth = Credentials(api_key, clock, rand)
         self._config_lock = asyncio.Lock()
         self._configured = asyncio.Event()
@@ -204,10 +211,15 @@ class TinkerGateway:
         if self._cfg.project_id is not None:
             params["project_id"] = self._cfg.project_id
         response = await self._send("list_runs", "GET", "/training_runs", params=params)
-        page = self._parse(wire.TrainingRunsResponse, response, "list_runs")
+        # Views right away, so 100k parsed models never live at once (GC time, memory).
+        try:
+            page = parse_runs_page(response.content, use_projection=self._projection)
+        except MalformedResponse as exc:
+            raise MalformedResponse(
+                self._auth.redact(str(exc)), status_code=response.status_code
+            ) from None
         _check_page(page, offset=offset, limit=limit, first=offset == 0)
-        # Views right away, so 100k pydantic models never live at once (GC time, memory).
-        return _Page(page.cursor.total_count, [to_run_view(run) for run in page.training_runs])
+        return _Page(page.total_count, page.runs)
 
     async def _fetch_pages(
         self, offsets: range, step: int, total: int, into: dict[int, _Page]
@@ -242,13 +254,7 @@ class TinkerGateway:
         try:
             return model.model_validate_json(response.content)
         except pydantic.ValidationError as exc:
-            first = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(part) for part in first["loc"]) or "<body>"
-            raise MalformedResponse(
-                f"{endpoint}: malformed response ({exc.error_count()} errors; "
-                f"first at {where}: {first['msg']})",
-                status_code=response.status_code,
-            ) from None
+            raise malformed(endpoint, exc, response.status_code) from None
 
     async def _exchange(self) -> str:
         """POST auth/token with the raw key -> a JWT, the exchange the SDK does."""
@@ -365,16 +371,16 @@ def _consistent(pages: Mapping[int, _Page], total: int) -> list[RunView]:
     return runs
 
 
-def _check_page(page: wire.TrainingRunsResponse, *, offset: int, limit: int, first: bool) -> None:
+def _check_page(page: RunsPage, *, offset: int, limit: int, first: bool) -> None:
     """Refuse pages that cannot be right; a later page must be full unless it reaches the end
     its own cursor announces (the total may move mid-cycle as runs come and go)."""
-    cursor, got = page.cursor, len(page.training_runs)
-    if cursor.offset != offset or cursor.total_count < 0:
+    total, got = page.total_count, len(page.runs)
+    if page.offset != offset or total < 0:
         raise MalformedResponse(
-            f"list_runs: cursor offset {cursor.offset} / total {cursor.total_count} "
+            f"list_runs: cursor offset {page.offset} / total {total} "
             f"does not fit a request at offset {offset}"
         )
-    remaining = max(0, cursor.total_count - offset)
+    remaining = max(0, total - offset)
     if first:
         is_ok = got <= min(limit, remaining) and (got > 0 or remaining == 0)
     else:
@@ -382,7 +388,7 @@ def _check_page(page: wire.TrainingRunsResponse, *, offset: int, limit: int, fir
     if not is_ok:
         raise MalformedResponse(
             f"list_runs: page at offset {offset} has {got} runs; asked for {limit}, "
-            f"total {cursor.total_count}: truncated or inconsistent page"
+            f"total {total}: truncated or inconsistent page"
         )
 
 

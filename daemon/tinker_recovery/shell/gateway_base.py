@@ -11,10 +11,15 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Literal
 
 import httpx
+import pydantic
 import structlog
 from pydantic import SecretStr
 from tinker import types as wire
@@ -123,6 +128,145 @@ def to_run_view(run: wire.TrainingRun) -> RunView:
         last_checkpoint=None if last is None else to_checkpoint_view(last),
         # The parsed model is dropped right after this, so its dict can be kept as it is.
         user_metadata=run.user_metadata or {},
+    )
+
+
+# ---- the listing hot path: a projection of the SDK's TrainingRun ---------------------------
+#
+# Pages of `GET /training_runs` are the one payload parsed 1,000 times a cycle at 100k runs.
+# They are decoded with msgspec into the structs below: only the fields the watcher reads, with
+# the SDK's names, types and optionality (tests/shell/gateway/test_gateway_projection.py holds
+# them to `tinker.types.TrainingRun`, so an SDK upgrade that changes the wire fails the build).
+# Without msgspec installed, pages fall back to the SDK's own pydantic models.
+try:
+    import msgspec
+except ImportError:  # pragma: no cover - the fallback is tested by forcing it, not uninstalling
+    msgspec = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class RunsPage:
+    """One page of runs, checked by the caller against the request it answers."""
+
+    offset: int  # cursor.offset
+    total_count: int  # cursor.total_count
+    runs: list[RunView]
+
+
+if msgspec is not None:
+
+    class SlimCheckpoint(msgspec.Struct, gc=False):
+        """`tinker.types.Checkpoint`, the fields a view needs (gc=False: holds no containers)."""
+
+        checkpoint_id: str
+        checkpoint_type: Literal["training", "sampler", "external"]
+        time: datetime
+        tinker_path: str
+        size_bytes: int | None = None
+        expires_at: datetime | None = None
+
+    class SlimRun(msgspec.Struct, gc=False):
+        """`tinker.types.TrainingRun`, the fields the watcher reads. The one container, the
+        metadata dict, is tracked by the collector itself, so untracking the struct is safe."""
+
+        training_run_id: str
+        base_model: str
+        model_owner: str
+        is_lora: bool
+        last_request_time: datetime
+        corrupted: bool = False
+        lora_rank: int | None = None
+        last_checkpoint: SlimCheckpoint | None = None
+        user_metadata: dict[str, str] | None = None
+
+    class SlimCursor(msgspec.Struct, gc=False):
+        offset: int
+        limit: int
+        total_count: int
+
+    class SlimRunsPage(msgspec.Struct):
+        training_runs: list[SlimRun]
+        cursor: SlimCursor
+
+    # strict=False: lax like pydantic's default mode ("1" for an int, "true" for a bool).
+    _PAGE_DECODER = msgspec.json.Decoder(SlimRunsPage, strict=False)
+
+
+def projection_available() -> bool:
+    """True when list_runs parses pages with the msgspec projection (else: the SDK models)."""
+    return msgspec is not None
+
+
+_intern = sys.intern
+# One shared, read-only mapping for the many runs without metadata (no dict per run).
+_NO_METADATA: Mapping[str, str] = MappingProxyType({})
+
+
+def _utc_fast(value: datetime) -> datetime:
+    # msgspec hands "+00:00"/"Z" timestamps over with tzinfo=UTC already: the usual case.
+    return value if value.tzinfo is UTC else _utc(value)
+
+
+def _slim_checkpoint_view(ckpt: SlimCheckpoint) -> CheckpointView:
+    expires = ckpt.expires_at
+    return CheckpointView(
+        _intern(ckpt.checkpoint_id),
+        _KINDS[ckpt.checkpoint_type],
+        ckpt.tinker_path,
+        _utc_fast(ckpt.time),
+        None if expires is None else _utc_fast(expires),
+        ckpt.size_bytes,
+    )
+
+
+def _slim_run_view(run: SlimRun) -> RunView:
+    last = run.last_checkpoint
+    # Base models and owners repeat across the whole fleet: one string object each.
+    return RunView(
+        run.training_run_id,
+        _intern(run.base_model),
+        _intern(run.model_owner),
+        run.is_lora,
+        run.lora_rank,
+        run.corrupted,
+        _utc_fast(run.last_request_time),
+        None if last is None else _slim_checkpoint_view(last),
+        run.user_metadata or _NO_METADATA,
+    )
+
+
+def parse_runs_page(content: bytes, *, use_projection: bool = True) -> RunsPage:
+    """A `GET /training_runs` body -> views; MalformedResponse when it does not fit the wire."""
+    if use_projection and msgspec is not None:
+        try:
+            page = _PAGE_DECODER.decode(content)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+            raise MalformedResponse(f"list_runs: malformed response ({exc})") from None
+        cursor = page.cursor
+        return RunsPage(
+            cursor.offset, cursor.total_count, [_slim_run_view(r) for r in page.training_runs]
+        )
+    try:
+        sdk_page = wire.TrainingRunsResponse.model_validate_json(content)
+    except pydantic.ValidationError as exc:
+        raise malformed("list_runs", exc) from None
+    return RunsPage(
+        sdk_page.cursor.offset,
+        sdk_page.cursor.total_count,
+        [to_run_view(run) for run in sdk_page.training_runs],
+    )
+
+
+def malformed(
+    endpoint: str, exc: pydantic.ValidationError, status_code: int | None = None
+) -> MalformedResponse:
+    """A MalformedResponse naming the first place the body does not fit (never its content)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "<body>"
+    return MalformedResponse(
+        f"{endpoint}: malformed response ({exc.error_count()} errors; "
+        f"first at {where}: {first['msg']})",
+        status_code=status_code,
     )
 
 
