@@ -6,15 +6,33 @@ Redaction runs last, on the fully built event dict (exceptions already turned in
 text) and once more on the rendered line, so a registered secret cannot slip through in a
 nested value, an exception message or an object's repr.
 
+Three things make the log usable at 3 a.m.:
+- Journal priorities. Under systemd, stderr is a stream to journald and every line would land
+  at priority 6 (info). When `JOURNAL_STREAM` names the very stream we write to (systemd.exec(5);
+  a redirect to a file or a pipe does not match), each line starts with the `<N>` prefix of
+  sd-daemon(3), which journald strips and stores as the line's priority: `journalctl -p warning`
+  then shows warnings and errors only.
+- Repeats summarised. Of warnings (or worse) that are identical (same logger, level, event and
+  fields, apart from `VARYING_KEYS` such as a retry's number and delay), at most
+  `REPEAT_BURST` are written per `REPEAT_WINDOW_S`; the rest are counted, and the first line
+  of the next window carries `repeats_suppressed=N`. Metrics still count every occurrence.
+- Stable events for library records. uvicorn's, httpx's and the tinker SDK's records carry
+  free text; their `event` becomes a snake_case name (`uvicorn_started`, or `<library>_log`
+  for messages without a name of their own) and the text moves to `message`.
+
 This module must not import from app/shell/core: anyone may import it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -111,8 +129,152 @@ class _RedactingRenderer:
         return redact_text(text)
 
 
+# syslog priorities (sd-daemon(3) / syslog(3)) for each stdlib level.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def journal_priority(levelno: int) -> int:
+    """The syslog priority journald should store for a record of `levelno` (debug -> 7)."""
+    return next((prio for level, prio in _PRIORITIES if levelno >= level), 7)
+
+
+def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """True when `stream` is the journald stream systemd named in JOURNAL_STREAM (dev:ino)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not (sep and dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # StringIO, closed or detached streams
+        return False
+    return (info.st_dev, info.st_ino) == (int(dev), int(ino))
+
+
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
-    """Marks the handler we install so a later `configure` replaces it (idempotency)."""
+    """Our one handler (a later `configure` replaces it); adds `<N>` prefixes for journald."""
+
+    def __init__(self, stream: TextIO, *, journal: bool) -> None:
+        super().__init__(stream)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.journal:
+            return text
+        # journald reads the prefix per line; a multi-line traceback keeps its priority.
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+
+# Fields that may differ between lines that are still "the same" warning (a retry's number and
+# delay, a timer). Every other field tells two warnings apart: two lineages, two reasons, two
+# checkpoints or two error texts are never merged.
+VARYING_KEYS = frozenset(
+    {
+        "timestamp",
+        "delay_s",
+        "attempt",
+        "elapsed_s",
+        "retry_after_s",
+        "runway_s",
+        "wait_s",
+        "duration_s",
+        "repeats_suppressed",
+    }
+)
+REPEAT_WINDOW_S = 60.0
+REPEAT_BURST = 3  # identical lines written per window before the rest are held back
+_MAX_TRACKED = 1024
+
+
+class RepeatFilter(logging.Filter):
+    """Write at most `burst` identical warnings per `window_s`; count the rest.
+
+    The first line of the next window carries `repeats_suppressed=N`. State is per key and
+    bounded (the least recently seen keys are forgotten first).
+    """
+
+    def __init__(
+        self,
+        window_s: float = REPEAT_WINDOW_S,
+        burst: int = REPEAT_BURST,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.burst = burst
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        # key -> [window start (monotonic s), lines written in it, lines held back in it]
+        self._seen: OrderedDict[tuple[Any, ...], list[float]] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = _repeat_key(record)
+        now = self._monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.window_s:
+                self._seen.move_to_end(key)
+                if seen[1] < self.burst:
+                    seen[1] += 1
+                    return True
+                seen[2] += 1
+                return False
+            suppressed = int(seen[2]) if seen is not None else 0
+            self._seen[key] = [now, 1, 0]
+            self._seen.move_to_end(key)
+            while len(self._seen) > _MAX_TRACKED:
+                self._seen.popitem(last=False)
+        if suppressed:
+            if isinstance(record.msg, dict):  # a structlog event dict
+                record.msg["repeats_suppressed"] = suppressed
+            else:
+                record.repeats_suppressed = suppressed  # ExtraAdder puts it into the line
+        return True
+
+
+def _repeat_key(record: logging.LogRecord) -> tuple[Any, ...]:
+    if isinstance(record.msg, dict):
+        fields = tuple(
+            sorted((str(k), repr(v)) for k, v in record.msg.items() if k not in VARYING_KEYS)
+        )
+        return (record.name, record.levelno, fields)
+    # A library record: its format template is the stable part (`%s` arguments vary).
+    return (record.name, record.levelno, str(record.msg))
+
+
+# Known library messages (their stdlib format templates) -> a stable event name.
+LIBRARY_EVENTS = {
+    "Started server process [%d]": "uvicorn_started",
+    "Waiting for application startup.": "uvicorn_startup_waiting",
+    "Application startup complete.": "uvicorn_startup_complete",
+    "Uvicorn running on %s://%s:%d (Press CTRL+C to quit)": "uvicorn_listening",
+    "Shutting down": "uvicorn_shutting_down",
+    "Waiting for application shutdown.": "uvicorn_shutdown_waiting",
+    "Application shutdown complete.": "uvicorn_shutdown_complete",
+    "Finished server process [%d]": "uvicorn_stopped",
+    "Invalid HTTP request received.": "uvicorn_invalid_request",
+    "Exception in ASGI application\n": "uvicorn_asgi_exception",
+    "Cancel %s running task(s), timeout graceful shutdown exceeded": "uvicorn_tasks_cancelled",
+}
+_NOT_SNAKE = re.compile(r"[^a-z0-9]+")
+
+
+def _library_event(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """Give a stdlib record from a library a snake_case event; its text goes to `message`."""
+    record = event_dict.get("_record")
+    if event_dict.get("_from_structlog") or not isinstance(record, logging.LogRecord):
+        return event_dict
+    if record.name.startswith("tinker_recovery"):
+        return event_dict  # our own stdlib records (rare) already name their event
+    template = str(record.msg)
+    library = _NOT_SNAKE.sub("_", record.name.split(".", 1)[0].lower()).strip("_") or "library"
+    event_dict["message"] = event_dict.get("event")
+    event_dict["event"] = LIBRARY_EVENTS.get(template, f"{library}_log")
+    return event_dict
 
 
 def _drop_color_message(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
@@ -129,6 +291,7 @@ def _shared_processors() -> list[Processor]:
         structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),
         _drop_color_message,
+        _library_event,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
 
@@ -154,9 +317,14 @@ def configure(
     format: Literal["json", "console"],  # shadows the builtin, but it is the public keyword
     level: str,
     stream: TextIO = sys.stderr,
+    *,
+    journal: bool | None = None,
+    repeat_window_s: float = REPEAT_WINDOW_S,
 ) -> None:
     """Route structlog and stdlib logging to `stream` as JSON lines or console text.
 
+    `journal`: prefix lines with journald priorities (None: when JOURNAL_STREAM names
+    `stream`). `repeat_window_s`: the window of RepeatFilter (0: write every line).
     Safe to call again (reload, tests): it replaces the handler it installed before and leaves
     other handlers (pytest's caplog) alone.
     """
@@ -178,8 +346,10 @@ def configure(
         cache_logger_on_first_use=False,
     )
 
-    handler = _Handler(stream)
+    handler = _Handler(stream, journal=writes_to_journal(stream) if journal is None else journal)
     handler.setFormatter(_formatter(format))
+    if repeat_window_s > 0:
+        handler.addFilter(RepeatFilter(repeat_window_s))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)
