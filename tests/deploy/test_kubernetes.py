@@ -1,4 +1,4 @@
-"""deploy/kubernetes/: schema-valid offline, wired together, and within the restricted profile.
+"""deploy/kubernetes/base/: schema-valid offline, wired together, and within the restricted profile.
 
 Core kinds are checked with kubernetes-validate's bundled schemas in strict mode (unknown
 fields are errors). The ServiceMonitor is a CRD those schemas do not know: it is checked with
@@ -20,7 +20,7 @@ from deploy_paths import DEPLOY
 
 from tinker_recovery.shell import config_loader
 
-K8S = DEPLOY / "kubernetes"
+K8S = DEPLOY / "kubernetes" / "base"
 SERVICEMONITOR_SCHEMA = Path(__file__).with_name("servicemonitor.schema.json")
 # The oldest Kubernetes these manifests promise to work on (PDB unhealthyPodEvictionPolicy is
 # GA in 1.31), and the newest schema the validator ships.

@@ -1,13 +1,14 @@
-"""deploy/kubernetes/ha/: the base manifests plus two replicas on PostgreSQL state.
+"""deploy/kubernetes/overlays/ha/: the base manifests plus two replicas on PostgreSQL state.
 
-No kustomize binary is needed: the overlay uses only the two patch forms this test applies
-itself (a `$patch: delete` of a whole resource, and JSON patch operations add, replace and
-test), so the rendered documents can be validated strictly like the base ones.
+Rendered by the real `kubectl kustomize` (kustomize v5), as an operator's `kubectl apply -k`
+would: an earlier version of this test applied the patches itself and so missed that the
+overlay, then nested inside its base, could not be built at all (a kustomize cycle).
 """
 
 from __future__ import annotations
 
-import copy
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,67 +18,27 @@ import yaml
 
 from tinker_recovery.shell import config_loader
 
-BASE = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
-OVERLAY = BASE / "ha"
+KUBERNETES = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+OVERLAY = KUBERNETES / "overlays" / "ha"
 VERSIONS = ["1.31.0", kubernetes_validate.latest_version()]
 
 
-def _load(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def _base() -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for name in _load(BASE / "kustomization.yaml")["resources"]:
-        docs.extend(d for d in yaml.safe_load_all((BASE / name).read_text(encoding="utf-8")) if d)
-    return docs
-
-
-def _walk(doc: Any, path: str) -> tuple[Any, str]:
-    """The container that holds the last segment of a JSON pointer, and that segment."""
-    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
-    for part in parts[:-1]:
-        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
-    return doc, parts[-1]
-
-
-def _apply_op(doc: dict[str, Any], op: dict[str, Any]) -> None:
-    parent, key = _walk(doc, op["path"])
-    if op["op"] == "test":
-        current = parent[int(key)] if isinstance(parent, list) else parent[key]
-        assert current == op["value"], f"patch precondition failed at {op['path']}"
-    elif op["op"] == "add" and isinstance(parent, list):
-        parent.insert(len(parent) if key == "-" else int(key), copy.deepcopy(op["value"]))
-    elif op["op"] in ("add", "replace"):
-        if isinstance(parent, list):
-            parent[int(key)] = copy.deepcopy(op["value"])
-        else:
-            assert op["op"] == "add" or key in parent, f"replace of a missing {op['path']}"
-            parent[key] = copy.deepcopy(op["value"])
-    else:
-        raise AssertionError(f"unsupported patch operation {op['op']}")
-
-
 def _render() -> list[dict[str, Any]]:
-    kustomization = _load(OVERLAY / "kustomization.yaml")
-    assert kustomization["resources"] == ["../"]
-    docs = _base()
-    for patch in kustomization["patches"]:
-        body = yaml.safe_load(patch["patch"])
-        if isinstance(body, dict) and body.get("$patch") == "delete":
-            gone = (body["kind"], body["metadata"]["name"])
-            assert gone in {(d["kind"], d["metadata"]["name"]) for d in docs}, gone
-            docs = [d for d in docs if (d["kind"], d["metadata"]["name"]) != gone]
-            continue
-        target = patch["target"]
-        (doc,) = [
-            d
-            for d in docs
-            if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
-        ]
-        for op in body:
-            _apply_op(doc, op)
-    return docs
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl not found on PATH: the overlay is built with `kubectl kustomize`")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        pytest.fail(f"kubectl kustomize {OVERLAY} failed:\n{result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_the_overlay_builds_on_the_base_beside_it() -> None:
+    kustomization = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert kustomization["resources"] == ["../../base"]
+    assert (OVERLAY / kustomization["resources"][0]).resolve() == KUBERNETES / "base"
 
 
 def _deployment() -> dict[str, Any]:
