@@ -6,6 +6,9 @@
 # because the venv's interpreter is a symlink to /usr/local/bin/python3.11.
 # tests/deploy/test_container_layout.py runs this file's ENTRYPOINT + CMD outside a container
 # with every path below remapped, so keep paths in JSON-form instructions.
+#
+# The image holds no key. Mount it at /run/secrets/tinker_api_key owned by the runtime user
+# 10001 with mode 0400 (docs/operations.md, "Run as a container"); never world-readable.
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \

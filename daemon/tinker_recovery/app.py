@@ -22,6 +22,7 @@ import structlog
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from tinker_recovery import __version__, operator
+from tinker_recovery.core import attempt as attempt_rules
 from tinker_recovery.core.model import LineageState
 from tinker_recovery.errors import ConfigError, RecoveryError
 from tinker_recovery.obs import logs
@@ -59,6 +60,8 @@ class Daemon:
     config_path: Path | None = None
     on_port: Callable[[int], None] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Builds the handoff actions for a reloaded config (None: handoffs cannot be reloaded).
+    handoff_builder: Callable[[Settings], Mapping[str, handoff.HandoffAction]] | None = None
 
 
 def _daemon_registry() -> CollectorRegistry:
@@ -120,10 +123,14 @@ async def build(
     # Webhooks get their own client: they may need the environment's proxy settings, and each
     # handoff applies its own configured timeout rather than the Tinker request timeout.
     webhook_http = httpx.AsyncClient(timeout=None)
-    actions = {
-        name: handoff.build_handoff(cfg, runner=runner, http=webhook_http, clock=clock)
-        for name, cfg in settings.handoffs.items()
-    }
+
+    def build_actions(config: Settings) -> dict[str, handoff.HandoffAction]:
+        return {
+            name: handoff.build_handoff(cfg, runner=runner, http=webhook_http, clock=clock)
+            for name, cfg in config.handoffs.items()
+        }
+
+    actions = build_actions(settings)
     guard = LeaderGuard(
         store,
         replica_name(settings),
@@ -142,7 +149,9 @@ async def build(
         max_concurrent=settings.policy.max_concurrent,
         rules=settings.policy.rules,
         dry_run=settings.policy.dry_run,
-        may_act=lambda: guard.is_leader,
+        may_act=lambda epoch: attempt_rules.may_hand_off(
+            attempt_epoch=epoch, leader_epoch=guard.epoch, is_leader=guard.is_leader
+        ),
     )
     health = http.Health(poll_interval_s=settings.poll.interval)
     poller = Poller(
@@ -155,6 +164,7 @@ async def build(
         metrics=metrics,
         health=health,
         is_leader=lambda: guard.is_leader,
+        lease_epoch=lambda: guard.epoch,
     )
     return Daemon(
         settings=settings,
@@ -168,6 +178,7 @@ async def build(
         notifier=sdnotify.Notifier(env),
         http_client=http_client,
         config_path=config_path,
+        handoff_builder=build_actions,
         closers=[webhook_http.aclose],
     )
 
@@ -287,6 +298,7 @@ def _on_leadership(daemon: Daemon, leading: bool) -> None:
     (a new leader reconciles and takes over without waiting)."""
     daemon.metrics.leader.set(1 if leading else 0)
     daemon.health.role = "leader" if leading else "standby"
+    daemon.executor.on_leadership(leading)
     daemon.poller.on_leadership(leading)
 
 
@@ -346,12 +358,18 @@ async def _reloader(daemon: Daemon, stop: asyncio.Event, requested: asyncio.Even
 def apply_reload(daemon: Daemon, fresh: Settings) -> None:
     old = daemon.settings
     daemon.poller.configure(policy=fresh.policy, poll=fresh.poll)
-    daemon.executor.configure(rules=fresh.policy.rules, dry_run=fresh.policy.dry_run)
+    handoffs = None
+    if fresh.handoffs != old.handoffs and daemon.handoff_builder is not None:
+        handoffs = daemon.handoff_builder(fresh)
+    daemon.executor.configure(
+        rules=fresh.policy.rules, dry_run=fresh.policy.dry_run, handoffs=handoffs
+    )
     daemon.health.poll_interval_s = fresh.poll.interval
     logs.configure(fresh.log.format, fresh.log.level)
     needs_restart = [
         section
         for section in ("tinker", "state", "http", "handoffs")
+        if section != "handoffs" or daemon.handoff_builder is None
         if getattr(old, section) != getattr(fresh, section)
     ]
     daemon.settings = fresh

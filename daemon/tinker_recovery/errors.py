@@ -55,6 +55,11 @@ class FencedOut(RecoveryError):
     """A store write was refused because this replica no longer holds the leader lease."""
 
 
+class StaleAttempt(FencedOut):
+    """An attempt write was refused: the attempt is already finished in the store (another
+    replica or an earlier term of ours settled it), so this writer's copy is out of date."""
+
+
 class StoreUnavailable(RecoveryError):
     """The state store could not be opened or reached (file locked, database down, timeout)."""
 

@@ -169,6 +169,13 @@ class Rule(_Group):
     confirm_deadline: PositiveDuration = Field(
         900.0, description="the successor must appear and progress within this"
     )
+    successor_match: Literal["tags", "tags_or_match"] = Field(
+        "tags_or_match",
+        description="tags: a successor must carry the attempt's idempotency key; tags_or_match: "
+        "when none does, exactly one new run with the corrupted run's owner, base model, LoRA "
+        "rank and labels is the successor (several such runs: recorded and alerted, never "
+        "guessed)",
+    )
     handoff_grace: Duration = Field(
         30.0,
         description="after a failed handoff, watch this long for a successor it may have "

@@ -17,7 +17,7 @@ from tinker_recovery.errors import RemoteRejected, RemoteUnavailable
 from tinker_recovery.obs.metrics import POLL_ERROR_REASONS, Metrics
 from tinker_recovery.settings import BreakerSettings, PolicySettings, PollSettings, Rule
 from tinker_recovery.shell.poller import Poller
-from tinker_recovery.shell.store.base import Event
+from tinker_recovery.shell.store.base import Event, TakenRequest
 from tinker_recovery.shell.store.sqlite import SqliteStore
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -53,9 +53,13 @@ class Source:
 
 @dataclass
 class Executor:
+    """Records starts; like the real executor, it writes the decided lineage with the start."""
+
+    store: SqliteStore | None = None
     started: list[tuple[str, str]] = field(default_factory=list)
     observed: int = 0
     reconciled: int = 0
+    swept: int = 0
 
     async def start(
         self,
@@ -65,7 +69,13 @@ class Executor:
         *,
         tg: asyncio.TaskGroup,
         checkpoint: str | None = None,
-    ) -> Attempt:
+        epoch: int | None = None,
+        before: Lineage | None = None,
+        decision: Event | None = None,
+        taken_request: TakenRequest | None = None,
+    ) -> Attempt | None:
+        if self.store is not None and decision is not None:
+            await self.store.save_lineage(lineage, decision, epoch=epoch)
         self.started.append((lineage.lineage_id, run.run_id))
         return Attempt(
             attempt_id=f"{lineage.lineage_id}#1",
@@ -80,8 +90,11 @@ class Executor:
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
         self.observed += 1
 
-    async def reconcile(self, runs: Sequence[RunView] | None) -> None:
+    async def reconcile(self, runs: Sequence[RunView] | None, *, epoch: int | None = None) -> None:
         self.reconciled += 1
+
+    async def sweep(self, runs: Sequence[RunView], *, epoch: int | None = None) -> None:
+        self.swept += 1
 
     def in_flight(self) -> int:
         return len(self.started)
@@ -99,6 +112,9 @@ class Health:
 
     def mark_poll_cycle(self, monotonic_s: float) -> None:
         pass
+
+    def mark_store(self, ok: bool) -> None:
+        self.store_ok = ok
 
 
 def run(run_id: str, *, corrupted: bool = False) -> RunView:
@@ -149,7 +165,7 @@ def rig(
     **policy: Any,
 ) -> Rig:
     metrics = Metrics(CollectorRegistry())
-    executor, clock, health = Executor(), Clock(), Health()
+    executor, clock, health = Executor(store), Clock(), Health()
     rules = [Rule(name="all", max_idle=None, recover_preexisting=True)]
     poller = Poller(
         source=Source(script),

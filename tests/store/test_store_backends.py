@@ -24,10 +24,10 @@ from store_helpers import (
 )
 
 from tinker_recovery.core.model import AttemptOutcome, AttemptStep, LineageState
-from tinker_recovery.errors import FencedOut
+from tinker_recovery.errors import FencedOut, StaleAttempt
 from tinker_recovery.shell.store import PostgresStore, SqliteStore
 from tinker_recovery.shell.store import statements as q
-from tinker_recovery.shell.store.base import Store
+from tinker_recovery.shell.store.base import Store, TakenRequest, Transition
 from tinker_recovery.shell.store.support import load_migrations
 
 SHORT_TTL_S = 0.3  # PostgreSQL leases run on the server clock: the expiry tests really wait this
@@ -192,17 +192,29 @@ async def test_holds_cover_one_lineage_or_the_fleet(store: Store) -> None:
     assert await store.holds() == set()
 
 
-async def test_manual_requests_are_taken_once_in_order(store: Store) -> None:
+def settled(request_id: int, outcome: str = "refused") -> Transition:
+    taken = TakenRequest(request_id, outcome, f"{outcome} for the test", EPOCH, "leader")
+    return Transition(taken_request=taken, events=(make_event(reason=outcome),))
+
+
+async def test_manual_requests_are_settled_once_each_in_order(store: Store) -> None:
     first = await store.request_recovery("run-1", None, by="alice", at=EPOCH)
     second = await store.request_recovery("run-2", "tinker://run-2/weights/1", by="bob", at=EPOCH)
     assert second > first
-    taken = await store.take_manual_requests()
-    assert [(m.request_id, m.run_id, m.checkpoint_path, m.requested_by) for m in taken] == [
+    pending = await store.pending_manual_requests()
+    assert [(m.request_id, m.run_id, m.checkpoint_path, m.requested_by) for m in pending] == [
         (first, "run-1", None, "alice"),
         (second, "run-2", "tinker://run-2/weights/1", "bob"),
     ]
-    assert taken[0].requested_at == EPOCH
-    assert await store.take_manual_requests() == []
+    assert pending[0].requested_at == EPOCH
+    assert await store.manual_request_outcome(first) is None
+    await store.commit(settled(first, "started"))
+    # One settled: the other is still queued, and the first cannot be settled twice.
+    assert [m.request_id for m in await store.pending_manual_requests()] == [second]
+    assert await store.manual_request_outcome(first) == ("started", "started for the test")
+    with pytest.raises(StaleAttempt):
+        await store.commit(settled(first))
+    assert [e.reason for e in await store.events()] == ["started"]  # the refused write left none
 
 
 async def test_bad_checkpoints_are_remembered(store: Store) -> None:
@@ -257,7 +269,7 @@ async def test_a_schema_from_a_newer_version_still_opens(rig: Rig) -> None:
 async def test_concurrent_first_opens_migrate_once(rig: Rig) -> None:
     stores = await asyncio.gather(rig.make(), rig.make(), rig.make())
     assert len(stores) == 3
-    assert rig.schema_versions() == [1]
+    assert rig.schema_versions() == [m.version for m in load_migrations("sqlite")]
 
 
 # leadership and fencing ---------------------------------------------------------------------
@@ -298,14 +310,14 @@ async def test_takeover_bumps_epoch_and_fences_the_old_leader(rig: Rig) -> None:
     with pytest.raises(FencedOut):
         await a.mark_checkpoint_bad("tinker://x/weights/1", "stale", EPOCH)
     with pytest.raises(FencedOut):
-        await a.take_manual_requests()
+        await a.commit(settled(1))
     assert await a.acquire_or_renew("a", LONG_TTL_S) is None
 
     assert await b.get_lineage("lin-1") == make_lineage()
     assert await b.get_attempt("att-1") is None
     assert [e.reason for e in await b.events()] == ["by a"]
     assert await b.bad_checkpoints(["tinker://x/weights/1"]) == set()
-    assert [m.run_id for m in await b.take_manual_requests()] == ["run-9"]
+    assert [m.run_id for m in await b.pending_manual_requests()] == ["run-9"]
     await b.save_lineage(stale, make_event(reason="by b"))
     assert await b.get_lineage("lin-1") == stale
 
@@ -344,7 +356,7 @@ async def test_standby_cannot_write_but_operators_and_tools_can(rig: Rig) -> Non
     with pytest.raises(FencedOut):
         await standby.save_lineage(make_lineage(), make_event())
     with pytest.raises(FencedOut):
-        await standby.take_manual_requests()
+        await standby.commit(settled(1))
     # Not fenced: operator actions from any replica, and stores that never asked for the lease.
     await standby.set_hold(None, True, by="op", at=EPOCH)
     await standby.request_recovery("run-1", None, by="op", at=EPOCH)
@@ -402,3 +414,78 @@ async def test_lineage_for_run_is_answered_from_indexes(tmp_path: Path) -> None:
     lookups = [step for step in plan if step.startswith(("SEARCH", "SCAN"))]
     assert len(lookups) == 5  # the four run-id branches and the final fetch by lineage id
     assert all(step.startswith("SEARCH") and "USING INDEX" in step for step in lookups), plan
+
+
+# per-attempt fencing and atomic transitions -------------------------------------------------
+async def test_work_from_an_old_term_is_fenced_even_after_the_replica_leads_again(
+    rig: Rig,
+) -> None:
+    """Issue 9, defect 1: A leads (epoch 1) with attempt X; its lease lapses, B takes over
+    (epoch 2), settles X and dies; A wins again (epoch 3). X's next write must be refused:
+    it belongs to epoch 1, and the store remembering only A's latest epoch let it through."""
+    a, b = await rig.make(), await rig.make()
+    first = await a.acquire_or_renew("a", SHORT_TTL_S)
+    assert first is not None
+    x = make_attempt(step=AttemptStep.RESTORING, epoch=first.epoch)
+    await a.save_attempt(x, make_event(reason="x restoring"))
+    await rig.expire(SHORT_TTL_S)
+    second = await b.acquire_or_renew("b", SHORT_TTL_S)
+    assert second is not None
+    abandoned = replace(
+        x, step=AttemptStep.DONE, outcome=AttemptOutcome.ABANDONED, epoch=second.epoch
+    )
+    await b.save_attempt(abandoned, make_event(reason="abandoned by b"))
+    await rig.expire(SHORT_TTL_S)
+    third = await a.acquire_or_renew("a", LONG_TTL_S)
+    assert third is not None
+    assert third.epoch == first.epoch + 2
+
+    with pytest.raises(FencedOut):
+        await a.save_attempt(replace(x, step=AttemptStep.HANDING_OFF), make_event(reason="x"))
+    with pytest.raises(FencedOut):
+        await a.save_lineage(make_lineage(reason="old cycle"), make_event(), epoch=first.epoch)
+    assert await a.get_attempt("att-1") == abandoned
+    assert await a.get_lineage("lin-1") is None
+    # The same replica's work under its current epoch goes through.
+    await a.save_lineage(make_lineage(reason="new term"), make_event(), epoch=third.epoch)
+
+
+async def test_a_finished_attempt_is_never_reopened(store: Store) -> None:
+    """Issue 9, defect 1: an old writer's upsert turned a finished row back into unfinished."""
+    done = make_attempt(step=AttemptStep.DONE, outcome=AttemptOutcome.SUCCEEDED)
+    await store.save_attempt(done, make_event(reason="done"))
+    with pytest.raises(StaleAttempt):
+        await store.save_attempt(
+            make_attempt(step=AttemptStep.HANDING_OFF), make_event(reason="late")
+        )
+    assert await store.get_attempt("att-1") == done
+    assert await store.unfinished_attempts() == []
+    assert [e.reason for e in await store.events()] == ["done"]
+
+
+async def test_a_transition_writes_all_of_it_or_nothing(store: Store) -> None:
+    """Issue 9, defect 4: lineage, attempt and event in one transaction. A refused attempt
+    write takes the lineage and the events down with it."""
+    await store.save_attempt(
+        make_attempt(step=AttemptStep.DONE, outcome=AttemptOutcome.FAILED), make_event()
+    )
+    refused = Transition(
+        attempt=make_attempt(step=AttemptStep.CONFIRMING),
+        lineage=make_lineage(state=LineageState.RECOVERED),
+        events=(make_event(reason="a"), make_event(reason="b")),
+    )
+    with pytest.raises(StaleAttempt):
+        await store.commit(refused)
+    assert await store.get_lineage("lin-1") is None
+    assert len(await store.events()) == 1
+    together = Transition(
+        attempt=make_attempt("att-2", step=AttemptStep.CREATED),
+        lineage=make_lineage(state=LineageState.RECOVERING),
+        events=(make_event(reason="decided"), make_event(reason="created")),
+    )
+    await store.commit(together)
+    lineage = await store.get_lineage("lin-1")
+    assert lineage is not None
+    assert lineage.state is LineageState.RECOVERING
+    assert [a.attempt_id for a in await store.unfinished_attempts()] == ["att-2"]
+    assert [e.reason for e in await store.events()][-2:] == ["decided", "created"]

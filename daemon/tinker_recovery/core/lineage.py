@@ -8,13 +8,16 @@ Pure: "now" is an argument; nothing here reads a clock or does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from tinker_recovery.core import humanize
 from tinker_recovery.core.model import (
+    TAG_IDEMPOTENCY_KEY,
     TAG_LINEAGE,
+    TAG_PREFIX,
+    TAG_RECOVERED_FROM,
     CheckpointKind,
     DecisionKind,
     Lineage,
@@ -73,6 +76,66 @@ def new_lineage(run: RunView, now: datetime, *, preexisting: bool) -> Lineage:
         first_seen_at=now,
         updated_at=now,
         preexisting=preexisting,
+    )
+
+
+def without_our_tags(run: RunView) -> RunView:
+    """The run as seen when its `tinker_recovery.*` tags are not to be trusted."""
+    labels = {k: v for k, v in run.user_metadata.items() if not k.startswith(TAG_PREFIX)}
+    return replace(run, user_metadata=labels)
+
+
+def successors_by_origin(runs: Iterable[RunView]) -> dict[str, RunView]:
+    """Runs that say which run they were recovered from: `recovered_from` -> the run, for runs
+    that also carry an idempotency key (what the daemon passes on every handoff). When several
+    claim the same origin, the busiest wins."""
+    found: dict[str, RunView] = {}
+    for run in runs:
+        origin = run.user_metadata.get(TAG_RECOVERED_FROM)
+        if origin is None or TAG_IDEMPOTENCY_KEY not in run.user_metadata:
+            continue
+        known = found.get(origin)
+        if known is None or (run.last_request_time, run.run_id) > (
+            known.last_request_time,
+            known.run_id,
+        ):
+            found[origin] = run
+    return found
+
+
+def successor_chain(origin: RunView, successors: Mapping[str, RunView]) -> list[RunView]:
+    """The runs that continued `origin`, oldest first, per the service's run metadata. Only
+    runs of the same owner and base model count (a stranger's tag cannot claim our run)."""
+    chain: list[RunView] = []
+    seen = {origin.run_id}
+    run = successors.get(origin.run_id)
+    while run is not None and run.run_id not in seen:
+        if run.owner != origin.owner or run.base_model != origin.base_model:
+            break
+        chain.append(run)
+        seen.add(run.run_id)
+        run = successors.get(run.run_id)
+    return chain
+
+
+def rebuilt_from_successors(origin: RunView, chain: Sequence[RunView], now: datetime) -> Lineage:
+    """A lineage the store lost, rebuilt from the listing: `origin` was already recovered into
+    `chain` (oldest first), so its current run is the last of them and nothing is restarted."""
+    last = chain[-1]
+    tag = last.user_metadata.get(TAG_LINEAGE)
+    lineage_id = tag if tag is not None and is_valid_lineage_id(tag) else origin.run_id
+    path = " -> ".join(run.run_id for run in (origin, *chain))
+    return Lineage(
+        lineage_id=lineage_id,
+        root_run_id=origin.run_id,
+        current_run_id=last.run_id,
+        state=LineageState.HEALTHY,
+        reason=(
+            f"rebuilt from the service's run metadata ({path}): run {origin.run_id} was already "
+            "recovered, so it is not recovered again"
+        ),
+        first_seen_at=now,
+        updated_at=now,
     )
 
 

@@ -11,6 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 
 # user_metadata keys the daemon writes on every run it creates or asks to be created.
+TAG_PREFIX = "tinker_recovery."
 TAG_LINEAGE = "tinker_recovery.lineage"
 TAG_RECOVERED_FROM = "tinker_recovery.recovered_from"
 TAG_ATTEMPT = "tinker_recovery.attempt"
@@ -146,6 +147,10 @@ class Attempt:
     outcome: AttemptOutcome | None = None  # None while in flight
     reason: str = ""
     finished_at: datetime | None = None
+    # The leader-lease epoch this attempt is carried out under: every write of it and the
+    # handoff itself require the lease to still carry it. A takeover adopts the attempt under
+    # the new epoch, so a task left from an older term can never act again. None: unfenced.
+    epoch: int | None = None
 
 
 class DecisionKind(StrEnum):

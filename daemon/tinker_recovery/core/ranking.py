@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from tinker_recovery.core.model import (
     TAG_IDEMPOTENCY_KEY,
-    TAG_LINEAGE,
+    TAG_PREFIX,
     Attempt,
     CheckpointKind,
     CheckpointView,
@@ -131,10 +131,11 @@ def known_runs(lineage: Lineage | None, attempts: Iterable[Attempt], current: At
 def find_successor(
     attempt: Attempt, runs: Sequence[RunView], *, exclude: Iterable[str]
 ) -> RunView | None:
-    """The run that continues `attempt`'s lineage, if the listing shows one.
+    """The run that continues `attempt`'s lineage, if the listing shows one: the run recorded
+    as its successor, else a run carrying the attempt's idempotency key (ties: the busiest).
 
-    A run carrying the attempt's idempotency key wins. Otherwise a run tagged with the lineage
-    that is not one of the lineage's earlier runs (`exclude`). Ties go to the busiest run.
+    A lineage tag alone proves nothing (anyone can write it): a run must carry this attempt's
+    key. Jobs that pass no tags are found by `match_untagged`.
     """
     if attempt.successor_run_id is not None:
         return next((r for r in runs if r.run_id == attempt.successor_run_id), None)
@@ -145,18 +146,41 @@ def find_successor(
         if r.user_metadata.get(TAG_IDEMPOTENCY_KEY) == attempt.attempt_id
         and r.run_id not in excluded
     ]
-    by_lineage = [
-        r
-        for r in runs
-        if r.user_metadata.get(TAG_LINEAGE) == attempt.lineage_id
-        and r.run_id not in excluded
-        # A run tagged for a different attempt belongs to that attempt, not to this one.
-        and r.user_metadata.get(TAG_IDEMPOTENCY_KEY) in (None, attempt.attempt_id)
-    ]
-    candidates = by_key or by_lineage
-    if not candidates:
+    if not by_key:
         return None
-    return max(candidates, key=lambda r: (r.last_request_time, r.run_id))
+    return max(by_key, key=lambda r: (r.last_request_time, r.run_id))
+
+
+def carried_labels(run: RunView) -> dict[str, str]:
+    """The labels a job carries over to the run it resumes into (ours left out)."""
+    return {k: v for k, v in run.user_metadata.items() if not k.startswith(TAG_PREFIX)}
+
+
+def matches_origin(candidate: RunView, origin: RunView) -> bool:
+    """Could `candidate` be the job of `origin` resumed without our tags? Same owner, base
+    model, LoRA kind and rank, the same carried labels, and no tags of some other attempt."""
+    if candidate.run_id == origin.run_id or candidate.corrupted:
+        return False
+    if TAG_IDEMPOTENCY_KEY in candidate.user_metadata:
+        return False  # it belongs to the attempt whose key it carries
+    return (
+        candidate.owner == origin.owner
+        and candidate.base_model == origin.base_model
+        and candidate.is_lora == origin.is_lora
+        and candidate.lora_rank == origin.lora_rank
+        and carried_labels(candidate) == carried_labels(origin)
+    )
+
+
+def match_untagged(
+    origin: RunView, candidates: Iterable[RunView], *, exclude: Collection[str]
+) -> list[RunView]:
+    """New runs that match `origin` (see `matches_origin`). Exactly one is a successor; more
+    than one is ambiguous and must be reported, never guessed between."""
+    return sorted(
+        (r for r in candidates if r.run_id not in exclude and matches_origin(r, origin)),
+        key=lambda r: r.run_id,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +200,16 @@ def judge_progress(
     handed_off_at: datetime,
     first_seen_request: datetime | None = None,
 ) -> Progress:
-    """Has the successor moved since the handoff?
+    """Has the successor moved since it appeared?
 
-    `handed_off_at` is the daemon's clock and the run's times are the service's: if the two
-    disagree by more than the job's start-up, the first test can miss. A later request than
-    the one seen on an earlier poll (`first_seen_request`, same clock) is progress regardless.
+    A run's creation sets its last request time, so a successor that merely exists would look
+    busy by comparing with the handoff time: requests count only when later than the one seen
+    on an earlier listing (`first_seen_request`, the service's own clock on both sides, so
+    clock skew cannot fake or hide it). A training checkpoint newer than the one handed off is
+    progress at once.
     """
-    requested = successor.last_request_time > handed_off_at or (
-        first_seen_request is not None and successor.last_request_time > first_seen_request
+    requested = first_seen_request is not None and successor.last_request_time > (
+        first_seen_request
     )
     checkpoint = successor.last_checkpoint
     # With `restore: sdk` the handed-off checkpoint was saved just before the handoff, so "newer"

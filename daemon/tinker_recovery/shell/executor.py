@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from tinker_recovery.core import attempt as attempt_rules
 from tinker_recovery.core import ranking
 from tinker_recovery.core.model import (
     TAG_ATTEMPT,
@@ -41,7 +42,7 @@ from tinker_recovery.shell import ledger as led
 from tinker_recovery.shell import reconcile as rec
 from tinker_recovery.shell.clock import Clock
 from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
-from tinker_recovery.shell.store.base import Store
+from tinker_recovery.shell.store.base import Event, Store, TakenRequest
 
 log = structlog.get_logger(__name__)
 
@@ -62,17 +63,16 @@ class Executor:
         max_concurrent: int,
         rules: Sequence[Rule] = (),
         dry_run: bool = False,
-        may_act: Callable[[], bool] = lambda: True,
+        may_act: Callable[[int | None], bool] = lambda epoch: True,
     ) -> None:
         self._store = store
-        self._handoffs = handoffs
+        self._handoffs = dict(handoffs)
         self._clock = clock
         self._metrics = metrics
         self._semaphore = asyncio.Semaphore(max_concurrent)
         self._dry_run = dry_run
-        # Asked right before the one side effect no store write can fence (the handoff): a
-        # replica that lost its lease since writing HANDING_OFF leaves the row to the new
-        # leader's reconcile, which will only ever confirm it.
+        # Asked, with the attempt's epoch, right before the one side effect no store write can
+        # fence (the handoff): only while we lead in that very epoch (core.attempt.may_hand_off).
         self._may_act = may_act
         self._ledger = led.Ledger(store=store, clock=clock, metrics=metrics, rand=rand, rules=rules)
         self._reconciler = rec.Reconciler(ledger=self._ledger, store=store, clock=clock)
@@ -80,10 +80,29 @@ class Executor:
             store=store, gateway=gateway, restorer=restorer, ledger=self._ledger, clock=clock
         )
 
-    def configure(self, *, rules: Sequence[Rule], dry_run: bool) -> None:
-        """Apply a reloaded configuration. Attempts already started keep their rule."""
+    def configure(
+        self,
+        *,
+        rules: Sequence[Rule],
+        dry_run: bool,
+        handoffs: Mapping[str, HandoffAction] | None = None,
+    ) -> None:
+        """Apply a reloaded configuration. Attempts already started keep their rule; a handoff
+        the reload added or changed is used from the next attempt on."""
         self._ledger.rules = {rule.name: rule for rule in rules}
         self._dry_run = dry_run
+        if handoffs is not None:
+            self._handoffs = dict(handoffs)
+
+    def on_leadership(self, leading: bool) -> None:
+        """Leadership lost: stop every attempt that has not reached its handoff, at once. Their
+        rows are settled by whoever leads next (core.attempt.settle); a handoff already under way
+        is left to finish, and its later writes are refused by the fence."""
+        if leading:
+            return
+        for tracked in self._ledger.tracked.values():
+            if tracked.task is not None and tracked.attempt.step in attempt_rules.BEFORE_HANDOFF:
+                tracked.task.cancel()
 
     # public surface ----------------------------------------------------------------------------
 
@@ -99,13 +118,20 @@ class Executor:
         return self._ledger.snapshot()
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
-        """Confirm or fail handed-off attempts; call after each SUCCESSFUL listing only."""
+        """Confirm or fail handed-off attempts; call after each CONSISTENT listing only."""
         await self._reconciler.observe(runs, now)
 
-    async def reconcile(self, runs: Sequence[RunView] | None) -> None:
-        """At start-up (and on each takeover), before anything new: settle what a previous
-        process left unfinished. Attempts at HANDING_OFF or later are only ever confirmed."""
-        await self._reconciler.reconcile(runs)
+    async def reconcile(self, runs: Sequence[RunView] | None, *, epoch: int | None = None) -> None:
+        """At start-up (and on each takeover), before anything new: stop work left from an
+        older epoch and settle what is unfinished in the store under `epoch`. Attempts at
+        HANDING_OFF or later are only ever confirmed."""
+        await self._reconciler.reconcile(runs, epoch=epoch)
+
+    async def sweep(self, runs: Sequence[RunView], *, epoch: int | None = None) -> None:
+        """Each cycle: adopt any unfinished attempt and repair any lineage the executor should
+        own but does not track (a write that failed, a task that died, a lost term). Cheap: two
+        indexed reads (unfinished attempts, lineages recovering)."""
+        await self._reconciler.sweep(runs, epoch=epoch)
 
     async def drain(self, grace_s: float) -> None:
         """Shutdown: let running steps finish within `grace_s`, then cancel the rest.
@@ -131,16 +157,29 @@ class Executor:
         *,
         tg: asyncio.TaskGroup,
         checkpoint: str | None = None,
-    ) -> Attempt:
+        epoch: int | None = None,
+        before: Lineage | None = None,
+        decision: Event | None = None,
+        taken_request: TakenRequest | None = None,
+    ) -> Attempt | None:
         """Record attempt `lineage.attempts_total` and run its steps in a named task of `tg`.
+
+        The attempt's CREATED row, the lineage as decided (`lineage`, changed from `before`),
+        the decision's event and the operator request it settles are ONE transaction, fenced on
+        `epoch`: either the lineage is recovering with an attempt row, or nothing changed and the
+        next cycle decides again. Returns None, writing nothing, when this process may not act
+        (dry run, or the lineage is busy), which a reload between decision and start can cause.
 
         `checkpoint` (an operator's `recover --checkpoint`) replaces the ranking: that one path is
         validated and used, or the attempt fails; no fallback to a checkpoint nobody chose.
         """
-        if self._dry_run:
-            raise RuntimeError("dry_run: the policy records decisions; the executor must not act")
-        if lineage.lineage_id in self._ledger.tracked:
-            raise RuntimeError(f"lineage {lineage.lineage_id} already has an attempt in flight")
+        if self._dry_run or lineage.lineage_id in self._ledger.tracked:
+            log.warning(
+                "attempt_not_started",
+                lineage_id=lineage.lineage_id,
+                reason="dry run" if self._dry_run else "an attempt is already in flight",
+            )
+            return None
         # Remember the rule so a later reconcile in this process can find it by name.
         self._ledger.rules.setdefault(rule.name, rule)
         number = lineage.attempts_total
@@ -153,6 +192,7 @@ class Executor:
             step=AttemptStep.CREATED,
             started_at=now,
             updated_at=now,
+            epoch=epoch,
         )
         earlier = await self._store.attempts(lineage.lineage_id)
         exclude = ranking.known_runs(lineage, earlier, attempt) | self._ledger.seen_runs
@@ -160,7 +200,12 @@ class Executor:
         self._ledger.tracked[lineage.lineage_id] = tracked
         try:
             await self._ledger.record(
-                tracked, AttemptStep.CREATED, f"attempt {number} by rule {rule.name}"
+                tracked,
+                AttemptStep.CREATED,
+                f"attempt {number} by rule {rule.name}",
+                lineage=(before, lineage),
+                extra=() if decision is None else (decision,),
+                taken_request=taken_request,
             )
         except BaseException:
             del self._ledger.tracked[lineage.lineage_id]
@@ -203,26 +248,29 @@ class Executor:
             tracked.task = None
 
     async def _on_cancel(self, tracked: led.Tracked) -> None:
-        """Shutdown. Before the handoff nothing happened outside: record it as abandoned.
-        At HANDING_OFF or later the row stays as it is, for reconcile on the next start."""
-        if tracked.attempt.step in led.BEFORE_HANDOFF:
-            await self._finish_or_forget(
-                tracked, AttemptOutcome.ABANDONED, "stopped before handoff"
-            )
-        else:
+        """Shutdown or lost leadership. Before the handoff nothing happened outside: record it
+        as abandoned (refused by the fence if another term owns it now: it settles it then).
+        At HANDING_OFF or later the row stays as it is, for whoever confirms it next."""
+        cause = attempt_rules.Interruption.CANCELLED
+        outcome = attempt_rules.after_interruption(tracked.attempt.step, cause)
+        if outcome is None:
             self._ledger.forget(tracked)
+            return
+        await self._finish_or_forget(tracked, outcome, "stopped before handoff")
 
     async def _after_crash(self, tracked: led.Tracked, exc: Exception) -> None:
-        if tracked.attempt.step not in led.BEFORE_HANDOFF:
+        cause = attempt_rules.Interruption.CRASHED
+        outcome = attempt_rules.after_interruption(tracked.attempt.step, cause)
+        if outcome is None:
             return  # the handoff may have happened: keep confirming, never hand off again
-        await self._finish_or_forget(tracked, AttemptOutcome.FAILED, f"internal error: {exc!r}")
+        await self._finish_or_forget(tracked, outcome, f"internal error: {exc!r}")
 
     async def _finish_or_forget(
         self, tracked: led.Tracked, outcome: AttemptOutcome, reason: str
     ) -> None:
         try:
             await self._ledger.finish(tracked, outcome, reason)
-        except Exception as exc:  # noqa: BLE001 - the store is failing too: the row stays unfinished and the next reconcile abandons it
+        except Exception as exc:  # noqa: BLE001 - the store is failing too (or we are fenced out): the row stays unfinished and the next sweep settles it
             log.error(
                 "attempt_finish_failed",
                 lineage_id=tracked.attempt.lineage_id,
@@ -280,15 +328,23 @@ class Executor:
             **found,
         )
         tracked.handed_off_at = tracked.attempt.updated_at
-        if not self._may_act():
+        if not self._may_act(tracked.attempt.epoch):
             log.warning(
                 "handoff_withheld",
                 lineage_id=tracked.attempt.lineage_id,
                 attempt_id=tracked.attempt.attempt_id,
                 step=tracked.attempt.step.value,
-                reason="this replica no longer holds the leader lease",
+                reason="this replica no longer leads in the attempt's lease epoch",
             )
-            self._ledger.forget(tracked)
+            # Nothing left the daemon: say so, so the lineage is not left recovering. If the
+            # fence refuses (another term owns the row), that term settles it.
+            outcome = attempt_rules.after_interruption(
+                tracked.attempt.step, attempt_rules.Interruption.WITHHELD
+            )
+            assert outcome is not None
+            await self._finish_or_forget(
+                tracked, outcome, "handoff withheld: the leader lease was lost just before it"
+            )
             return
         failure = await self._hand_off(tracked, action, hand_off_path, tags)
         failpoints.hit("executor.handoff_returned")
@@ -319,6 +375,7 @@ class Executor:
         `_watch_for_late_successor`; one that certainly did nothing ends the attempt."""
         attempt = tracked.attempt
         request = HandoffRequest(
+            source_checkpoint_path=attempt.checkpoint_path,
             lineage_id=attempt.lineage_id,
             corrupted_run_id=attempt.corrupted_run_id,
             checkpoint_path=tinker_path,
@@ -374,23 +431,27 @@ class Executor:
         successor: str | None,
         **changes: Any,
     ) -> None:
+        now = self._clock.now()
+        lineage = await self._store.get_lineage(tracked.attempt.lineage_id)
+        moved: tuple[Lineage | None, Lineage] | None = None
+        if lineage is not None and lineage.state is LineageState.RECOVERING:
+            recovered = dataclasses.replace(
+                lineage,
+                state=LineageState.RECOVERED,
+                reason=f"{reason}; waiting for the successor to progress",
+                updated_at=now,
+            )
+            moved = (lineage, recovered)
         await self._ledger.record(
             tracked,
             AttemptStep.HANDED_OFF,
             reason,
+            at=now,
+            lineage=moved,
             handed_off_path=tinker_path,
             successor_run_id=successor,
             **changes,
         )
         if tracked.handed_off_at is None:
             tracked.handed_off_at = tracked.attempt.updated_at
-        lineage = await self._store.get_lineage(tracked.attempt.lineage_id)
-        if lineage is not None and lineage.state is LineageState.RECOVERING:
-            recovered = dataclasses.replace(
-                lineage,
-                state=LineageState.RECOVERED,
-                reason=f"{reason}; waiting for the successor to progress",
-                updated_at=tracked.attempt.updated_at,
-            )
-            await self._ledger.save_lineage(lineage, recovered, tracked.attempt)
         await self._ledger.record(tracked, AttemptStep.CONFIRMING, "waiting for the successor")

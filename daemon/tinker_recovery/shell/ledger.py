@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from tinker_recovery.core import attempt as attempt_rules
 from tinker_recovery.core import policy, ranking
 from tinker_recovery.core.model import (
     Attempt,
@@ -23,24 +24,24 @@ from tinker_recovery.core.model import (
     AttemptStep,
     CheckpointView,
     Lineage,
+    RunView,
 )
 from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import Rule
 from tinker_recovery.shell import failpoints
 from tinker_recovery.shell.clock import Clock
-from tinker_recovery.shell.store.base import Event, Store
+from tinker_recovery.shell.store.base import (
+    BadCheckpoint,
+    Event,
+    Store,
+    TakenRequest,
+    Transition,
+)
 
 log = structlog.get_logger(__name__)
 
-# Steps at which the handoff has certainly not happened: a restart may abandon these safely.
-BEFORE_HANDOFF = frozenset(
-    {
-        AttemptStep.CREATED,
-        AttemptStep.SELECTING,
-        AttemptStep.PROTECTING,
-        AttemptStep.RESTORING,
-    }
-)
+# Steps at which the handoff has certainly not happened (the rules live in core/attempt.py).
+BEFORE_HANDOFF = attempt_rules.BEFORE_HANDOFF
 
 EVENT_STEP = "attempt_step"
 # Event data keys written when a handoff failed but may have started the job (Tracked fields).
@@ -74,6 +75,11 @@ class Tracked:
     handoff_failure: str | None = None
     grace_ends: datetime | None = None
     listings_since_failure: int = 0
+    # For successors that carry no tags: the corrupted run as last listed, and the new runs
+    # (appeared after the attempt started) that match it (core.ranking.match_untagged).
+    origin: RunView | None = None
+    match_candidates: set[str] = dataclasses.field(default_factory=set)
+    ambiguity_reported: bool = False
 
     @property
     def deadline(self) -> datetime | None:
@@ -99,6 +105,40 @@ def attempt_event(attempt: Attempt, kind: str, reason: str, at: datetime) -> Eve
             "handed_off_path": attempt.handed_off_path,
             "successor_run_id": attempt.successor_run_id,
         },
+    )
+
+
+def lineage_event(before: Lineage | None, after: Lineage, attempt: Attempt) -> Event:
+    return Event(
+        at=after.updated_at,
+        kind="lineage_transition",
+        reason=after.reason,
+        lineage_id=after.lineage_id,
+        attempt_id=attempt.attempt_id,
+        run_id=after.current_run_id,
+        data={"from": before.state.value if before else None, "to": after.state.value},
+    )
+
+
+def suspect_event(attempt: Attempt, mark: BadCheckpoint) -> Event:
+    return Event(
+        at=mark.at,
+        kind="checkpoint_rejected",
+        reason=mark.reason,
+        lineage_id=attempt.lineage_id,
+        attempt_id=attempt.attempt_id,
+        run_id=ranking.run_id_of(mark.tinker_path),
+        data={"checkpoint_path": mark.tinker_path, "rejection": "suspect"},
+    )
+
+
+def _log_transition(after: Lineage, attempt: Attempt) -> None:
+    log.info(
+        "lineage_transition",
+        lineage_id=after.lineage_id,
+        attempt_id=attempt.attempt_id,
+        state=after.state.value,
+        reason=after.reason,
     )
 
 
@@ -137,16 +177,31 @@ class Ledger:
         *,
         at: datetime | None = None,
         note: Mapping[str, Any] | None = None,
+        lineage: tuple[Lineage | None, Lineage] | None = None,
+        extra: Sequence[Event] = (),
+        taken_request: TakenRequest | None = None,
         **changes: Any,
     ) -> None:
-        """Write the step (row + event) before the caller takes it. `note` adds to the event's
-        data what a restarted daemon needs to carry on (a handoff failure and its grace)."""
+        """Write the step (row + event) before the caller takes it, in ONE transaction with
+        the lineage change that goes with it (`lineage`: before, after) and any `extra` events.
+        `note` adds to the event's data what a restarted daemon needs to carry on (a handoff
+        failure and its grace). Fenced on the attempt's epoch."""
         now = at or self._clock.now()
         attempt = dataclasses.replace(tracked.attempt, step=step, updated_at=now, **changes)
         event = attempt_event(attempt, EVENT_STEP, reason, now)
         if note:
             event = dataclasses.replace(event, data={**event.data, **note})
-        await self._store.save_attempt(attempt, event)
+        events = [*extra, event]
+        after: Lineage | None = None
+        if lineage is not None:
+            before, after = lineage
+            events.append(lineage_event(before, after, attempt))
+        await self._store.commit(
+            Transition(
+                attempt=attempt, lineage=after, events=tuple(events), taken_request=taken_request
+            ),
+            epoch=attempt.epoch,
+        )
         tracked.attempt = attempt
         failpoints.hit(f"executor.{step.value}")  # crash tests: die right after the row
         log.info(
@@ -156,25 +211,8 @@ class Ledger:
             step=step.value,
             reason=reason,
         )
-
-    async def save_lineage(self, before: Lineage, after: Lineage, attempt: Attempt) -> None:
-        event = Event(
-            at=after.updated_at,
-            kind="lineage_transition",
-            reason=after.reason,
-            lineage_id=after.lineage_id,
-            attempt_id=attempt.attempt_id,
-            run_id=after.current_run_id,
-            data={"from": before.state.value, "to": after.state.value},
-        )
-        await self._store.save_lineage(after, event)
-        log.info(
-            "lineage_transition",
-            lineage_id=after.lineage_id,
-            attempt_id=attempt.attempt_id,
-            state=after.state.value,
-            reason=after.reason,
-        )
+        if after is not None:
+            _log_transition(after, attempt)
 
     async def finish(
         self,
@@ -184,8 +222,11 @@ class Ledger:
         *,
         now: datetime | None = None,
         progressed: bool = False,
+        suspect: BadCheckpoint | None = None,
     ) -> None:
-        """Store the outcome, move the lineage on via the policy, and export the figures."""
+        """Store the outcome and the lineage's next state (via the policy) in one transaction,
+        then export the figures. `suspect`: the checkpoint a failed successor started from,
+        marked in the same transaction so that the next attempt falls back to an older one."""
         now = now or self._clock.now()
         attempt = dataclasses.replace(
             tracked.attempt,
@@ -195,8 +236,18 @@ class Ledger:
             finished_at=now,
             updated_at=now,
         )
-        await self._store.save_attempt(
-            attempt, attempt_event(attempt, "attempt_finished", reason, now)
+        lineage = await self._store.get_lineage(attempt.lineage_id)
+        after = self.next_lineage(lineage, attempt, tracked.rule, now, progressed=progressed)
+        events = [attempt_event(attempt, "attempt_finished", reason, now)]
+        if suspect is not None:
+            events.append(suspect_event(attempt, suspect))
+        if after is not None:
+            events.append(lineage_event(lineage, after, attempt))
+        await self._store.commit(
+            Transition(
+                attempt=attempt, lineage=after, bad_checkpoint=suspect, events=tuple(events)
+            ),
+            epoch=attempt.epoch,
         )
         tracked.attempt = attempt
         self.forget(tracked)
@@ -208,17 +259,35 @@ class Ledger:
             outcome=outcome.value,
             reason=reason,
         )
-        lineage = await self._store.get_lineage(attempt.lineage_id)
+        if after is not None:
+            _log_transition(after, attempt)
         self._export(attempt, lineage, now)
-        if lineage is not None:
-            await self.apply_policy(lineage, attempt, tracked.rule, now, progressed=progressed)
+
+    def next_lineage(
+        self,
+        lineage: Lineage | None,
+        attempt: Attempt,
+        rule: Rule,
+        now: datetime,
+        *,
+        progressed: bool,
+    ) -> Lineage | None:
+        """The lineage after `attempt` finished, or None when nothing changes."""
+        if lineage is None:
+            return None
+        after = policy.on_attempt_finished(lineage, attempt, now, rule, self._rand(), progressed)
+        return None if after == lineage else after
 
     async def apply_policy(
-        self, lineage: Lineage, attempt: Attempt, rule: Rule, now: datetime, *, progressed: bool
+        self, lineage: Lineage, attempt: Attempt, rule: Rule, now: datetime, *, epoch: int | None
     ) -> None:
-        after = policy.on_attempt_finished(lineage, attempt, now, rule, self._rand(), progressed)
-        if after != lineage:
-            await self.save_lineage(lineage, after, attempt)
+        """Move a lineage on from an attempt that finished earlier (a repair)."""
+        after = self.next_lineage(lineage, attempt, rule, now, progressed=False)
+        if after is None:
+            return
+        event = lineage_event(lineage, after, attempt)
+        await self._store.commit(Transition(lineage=after, events=(event,)), epoch=epoch)
+        _log_transition(after, attempt)
 
     def _export(self, attempt: Attempt, lineage: Lineage | None, now: datetime) -> None:
         assert attempt.outcome is not None
@@ -242,16 +311,18 @@ class Ledger:
         """Mark a checkpoint that failed validation bad, so no later attempt tries it again."""
         detail = f"{reason.value}: {exc}" if exc is not None else reason.value
         now = self._clock.now()
-        await self._store.mark_checkpoint_bad(checkpoint.tinker_path, detail, now)
-        await self._store.append_event(
-            Event(
-                at=now,
-                kind="checkpoint_rejected",
-                reason=detail,
-                lineage_id=tracked.attempt.lineage_id,
-                attempt_id=tracked.attempt.attempt_id,
-                data={"checkpoint_path": checkpoint.tinker_path, "rejection": reason.value},
-            )
+        event = Event(
+            at=now,
+            kind="checkpoint_rejected",
+            reason=detail,
+            lineage_id=tracked.attempt.lineage_id,
+            attempt_id=tracked.attempt.attempt_id,
+            run_id=ranking.run_id_of(checkpoint.tinker_path),
+            data={"checkpoint_path": checkpoint.tinker_path, "rejection": reason.value},
+        )
+        mark = BadCheckpoint(checkpoint.tinker_path, detail, now)
+        await self._store.commit(
+            Transition(bad_checkpoint=mark, events=(event,)), epoch=tracked.attempt.epoch
         )
         self._metrics.checkpoints_rejected.labels(reason=reason.value).inc()
         log.warning(

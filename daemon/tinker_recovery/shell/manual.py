@@ -20,8 +20,15 @@ import structlog
 from tinker_recovery.core import lineage as core_lineage
 from tinker_recovery.core import rules as core_rules
 from tinker_recovery.core.model import Attempt, Lineage, LineageState, RunView
+from tinker_recovery.errors import RecoveryError
 from tinker_recovery.settings import PolicySettings, Rule
-from tinker_recovery.shell.store.base import Event, ManualRequest, Store
+from tinker_recovery.shell.store.base import (
+    Event,
+    ManualRequest,
+    Store,
+    TakenRequest,
+    Transition,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +44,11 @@ class Starter(Protocol):
         *,
         tg: asyncio.TaskGroup,
         checkpoint: str | None = None,
-    ) -> Attempt: ...
+        epoch: int | None = None,
+        before: Lineage | None = None,
+        decision: Event | None = None,
+        taken_request: TakenRequest | None = None,
+    ) -> Attempt | None: ...
 
 
 async def take(
@@ -49,35 +60,60 @@ async def take(
     now: datetime,
     tg: asyncio.TaskGroup,
     on_start: Callable[[], None],
+    epoch: int | None = None,
+    taken_by: str = "leader",
 ) -> int:
-    """Handle every queued request; returns how many attempts started."""
-    requests = await store.take_manual_requests()
+    """Handle every queued request, each settled in the transaction that acts on it (the
+    attempt's first row, or the refusal's event): one that fails stays queued for the next
+    cycle and does not take the others down with it. Returns how many attempts started."""
+    requests = await store.pending_manual_requests()
     if not requests:
         return 0
     by_id: Mapping[str, RunView] = {run.run_id: run for run in runs}
     started = 0
     for request in requests:
-        refusal = await _try(request, by_id.get(request.run_id), store, executor, policy, now, tg)
-        if refusal is None:
-            started += 1
-            on_start()
-            continue
-        log.warning(
-            "manual_recovery_refused",
-            request_id=request.request_id,
-            run_id=request.run_id,
-            reason=refusal,
-        )
-        await store.append_event(
-            Event(
-                at=now,
-                kind="manual_recovery_refused",
-                reason=refusal,
-                run_id=request.run_id,
-                data={"request_id": request.request_id, "requested_by": request.requested_by},
+        try:
+            refusal = await _try(
+                request, by_id.get(request.run_id), store, executor, policy, now, tg, epoch
             )
-        )
+            if refusal is None:
+                started += 1
+                on_start()
+                continue
+            await _refuse(store, request, refusal, now, epoch, taken_by)
+        except RecoveryError as exc:
+            log.warning(
+                "manual_recovery_deferred",
+                request_id=request.request_id,
+                run_id=request.run_id,
+                reason=str(exc),
+            )
     return started
+
+
+async def _refuse(
+    store: Store,
+    request: ManualRequest,
+    refusal: str,
+    now: datetime,
+    epoch: int | None,
+    taken_by: str,
+) -> None:
+    log.warning(
+        "manual_recovery_refused",
+        request_id=request.request_id,
+        run_id=request.run_id,
+        reason=refusal,
+    )
+    event = Event(
+        at=now,
+        kind="manual_recovery_refused",
+        reason=refusal,
+        run_id=request.run_id,
+        data={"request_id": request.request_id, "requested_by": request.requested_by},
+    )
+    taken = TakenRequest(request.request_id, "refused", refusal, now, taken_by)
+    await store.commit(Transition(taken_request=taken, events=(event,)), epoch=epoch)
 
 
 async def _try(
@@ -88,6 +124,7 @@ async def _try(
     policy: PolicySettings,
     now: datetime,
     tg: asyncio.TaskGroup,
+    epoch: int | None,
 ) -> str | None:
     """None when the attempt started, else why not."""
     if run is None:
@@ -121,21 +158,38 @@ async def _try(
         rule=rule.name,
         updated_at=now,
     )
-    await store.save_lineage(
-        recovering,
-        Event(
-            at=now,
-            kind="manual_recovery",
-            reason=recovering.reason,
-            lineage_id=lineage.lineage_id,
-            run_id=run.run_id,
-            data={
-                "request_id": request.request_id,
-                "checkpoint_path": request.checkpoint_path,
-                "from": lineage.state.value,
-            },
-        ),
+    event = Event(
+        at=now,
+        kind="manual_recovery",
+        reason=recovering.reason,
+        lineage_id=lineage.lineage_id,
+        run_id=run.run_id,
+        data={
+            "request_id": request.request_id,
+            "checkpoint_path": request.checkpoint_path,
+            "from": lineage.state.value,
+        },
     )
+    taken = TakenRequest(
+        request.request_id,
+        "started",
+        f"attempt {number} of lineage {lineage.lineage_id}",
+        now,
+        "leader",
+    )
+    attempt = await executor.start(
+        recovering,
+        run,
+        rule,
+        tg=tg,
+        checkpoint=request.checkpoint_path,
+        epoch=epoch,
+        before=known,
+        decision=event,
+        taken_request=taken,
+    )
+    if attempt is None:
+        return "this replica may not act right now (dry run, or an attempt in flight)"
     log.info(
         "manual_recovery_started",
         request_id=request.request_id,
@@ -143,5 +197,4 @@ async def _try(
         run_id=run.run_id,
         checkpoint_path=request.checkpoint_path,
     )
-    await executor.start(recovering, run, rule, tg=tg, checkpoint=request.checkpoint_path)
     return None

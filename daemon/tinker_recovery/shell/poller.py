@@ -13,22 +13,28 @@ import asyncio
 import dataclasses
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
 
+from tinker_recovery.core import lineage as core_lineage
 from tinker_recovery.core import policy as core_policy
 from tinker_recovery.core import rules as core_rules
 from tinker_recovery.core.model import (
-    TAG_LINEAGE,
     Decision,
     Lineage,
     LineageState,
     RunView,
 )
-from tinker_recovery.errors import RecoveryError, RemoteRejected, RemoteUnavailable
+from tinker_recovery.errors import (
+    FencedOut,
+    RecoveryError,
+    RemoteRejected,
+    RemoteUnavailable,
+    StoreUnavailable,
+)
 from tinker_recovery.obs.metrics import Metrics
 from tinker_recovery.settings import PolicySettings, PollSettings
 from tinker_recovery.shell import manual
@@ -59,7 +65,11 @@ class AttemptRunner(manual.Starter, Protocol):
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None: ...
 
-    async def reconcile(self, runs: Sequence[RunView] | None) -> None: ...
+    async def reconcile(
+        self, runs: Sequence[RunView] | None, *, epoch: int | None = None
+    ) -> None: ...
+
+    async def sweep(self, runs: Sequence[RunView], *, epoch: int | None = None) -> None: ...
 
     def in_flight(self) -> int: ...
 
@@ -68,6 +78,8 @@ class PollHealth(Protocol):
     def mark_poll_success(self, monotonic_s: float) -> None: ...
 
     def mark_poll_cycle(self, monotonic_s: float) -> None: ...
+
+    def mark_store(self, ok: bool) -> None: ...
 
 
 def run_payload(run: RunView) -> dict[str, Any]:
@@ -90,16 +102,25 @@ def _jsonable(value: Any) -> Any:
 
 @dataclasses.dataclass
 class FleetMemory:
-    """What the breaker and the stagger need across cycles (in memory; rebuilt on start-up)."""
+    """What the breaker and the stagger need across cycles (in memory; rebuilt on start-up).
 
-    detections: deque[datetime] = dataclasses.field(default_factory=deque)
+    Detections are keyed by lineage, so that reading the same corruption again (a decision
+    write that failed and is retried, the store's copy after a takeover) never counts twice."""
+
+    detections: dict[str, datetime] = dataclasses.field(default_factory=dict)  # by lineage
     starts: deque[datetime] = dataclasses.field(default_factory=deque)
     breaker_opened_at: datetime | None = None
 
+    def detected(self, lineage_id: str, at: datetime) -> None:
+        self.detections[lineage_id] = at
+
+    def detection_times(self) -> tuple[datetime, ...]:
+        return tuple(sorted(self.detections.values()))
+
     def forget_before(self, cutoff: datetime) -> None:
-        for times in (self.detections, self.starts):
-            while times and times[0] < cutoff:
-                times.popleft()
+        self.detections = {k: at for k, at in self.detections.items() if at >= cutoff}
+        while self.starts and self.starts[0] < cutoff:
+            self.starts.popleft()
 
 
 class Poller:
@@ -115,6 +136,7 @@ class Poller:
         metrics: Metrics,
         health: PollHealth,
         is_leader: Callable[[], bool],
+        lease_epoch: Callable[[], int | None] = lambda: None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._source = source
@@ -126,6 +148,8 @@ class Poller:
         self._metrics = metrics
         self._health = health
         self._is_leader = is_leader
+        self._lease_epoch = lease_epoch
+        self._epoch: int | None = None  # the lease epoch this cycle acts under
         self._rand = rand
         self._fleet = FleetMemory()
         self._reconciled = False
@@ -176,6 +200,12 @@ class Poller:
                 await self.cycle(tg)
         except TimeoutError:
             self._poll_failed("timeout", "the poll cycle took longer than cycle_timeout")
+        except StoreUnavailable as exc:
+            # Readiness fails until a cycle completes with the store working again.
+            self._health.mark_store(False)
+            self._poll_failed("store", str(exc))
+        except FencedOut as exc:
+            self._poll_failed("fenced", str(exc))
         except RecoveryError as exc:
             # Store trouble or a fenced write: this cycle is lost, the next one starts clean.
             self._poll_failed("other", str(exc))
@@ -188,8 +218,14 @@ class Poller:
         log.warning("poll_failed", reason=reason, detail=detail)
 
     async def cycle(self, tg: asyncio.TaskGroup) -> None:
-        """One poll: list, reconcile once, confirm, decide, record, act."""
+        """One poll: list, reconcile once, confirm, decide, record, act.
+
+        Everything the cycle writes is fenced on the lease epoch read at its start: a cycle that
+        spans a lapse and a new term cannot write decisions made from the old term's view."""
         began = self._clock.monotonic()
+        self._epoch = self._lease_epoch()
+        policy = self.policy  # one configuration for the whole cycle, whatever SIGHUP does
+        await self._store.check()
         try:
             runs = await self._source.list_runs()
         except (RemoteUnavailable, RemoteRejected) as exc:
@@ -204,21 +240,24 @@ class Poller:
         if self._watch_started_at is None:
             self._watch_started_at = await self._store.watch_started_at()
         if not self._reconciled:
-            await self._executor.reconcile(runs)
+            await self._executor.reconcile(runs, epoch=self._epoch)
             await self._restore_fleet_memory()
             self._reconciled = True
         await self._executor.observe(runs, now)
-        decisions = await self._decide(runs, now)
-        started = await self._act(decisions, runs, now, tg)
+        await self._executor.sweep(runs, epoch=self._epoch)
+        decisions = await self._decide(runs, now, policy)
+        started = await self._act(decisions, runs, now, tg, policy)
         started += await manual.take(
             store=self._store,
             executor=self._executor,
-            policy=self.policy,
+            policy=policy,
             runs=runs,
             now=now,
             tg=tg,
+            epoch=self._epoch,
             on_start=lambda: self._fleet.starts.append(now),
         )
+        self._health.mark_store(True)
         self.last_cycle = {
             "at": now.isoformat(),
             "runs": len(runs),
@@ -228,10 +267,14 @@ class Poller:
         }
         log.debug("poll_cycle", **self.last_cycle)
 
-    async def _decide(self, runs: Sequence[RunView], now: datetime) -> list[Decision]:
+    async def _decide(
+        self, runs: Sequence[RunView], now: datetime, policy: PolicySettings
+    ) -> list[Decision]:
         lineages = await self._store.list_lineages()
         self._known = {lineage.lineage_id: lineage for lineage in lineages}
-        observations = self._observations(runs, lineages)
+        observations, unknown = self._observations(runs, lineages)
+        if unknown:
+            observations += await self._place_unknown(unknown, runs, self._known, now)
         holds = await self._store.holds()
         self._fleet.forget_before(now - timedelta(seconds=self._horizon_s()))
         if self._breaker_hold_set and None not in holds:
@@ -243,17 +286,17 @@ class Poller:
             self._fleet.detections.clear()
         fleet = core_policy.FleetView(
             in_flight=self._executor.in_flight(),
-            recent_detections=tuple(self._fleet.detections),
+            recent_detections=self._fleet.detection_times(),
             recent_starts=tuple(self._fleet.starts),
             breaker_opened_at=self._fleet.breaker_opened_at,
             fleet_held=None in holds,
             held_lineages=frozenset(h for h in holds if h is not None),
             watch_started_at=self._watch_started_at,
         )
-        plan = core_policy.plan_cycle(observations, fleet, now, self.policy, self._rand)
+        plan = core_policy.plan_cycle(observations, fleet, now, policy, self._rand)
         if plan.breaker_open != self.breaker_open:
-            log.warning("incident_breaker", open=plan.breaker_open, mode=self.policy.breaker.mode)
-            if plan.breaker_open and self.policy.breaker.mode == "hold":
+            log.warning("incident_breaker", open=plan.breaker_open, mode=policy.breaker.mode)
+            if plan.breaker_open and policy.breaker.mode == "hold":
                 # Persist the hold so it survives restarts and is lifted only by `resume`.
                 await self._store.set_hold(None, True, by="incident_breaker", at=now)
                 self._breaker_hold_set = True
@@ -267,15 +310,16 @@ class Poller:
 
     def _observations(
         self, runs: Sequence[RunView], lineages: Iterable[Lineage]
-    ) -> list[core_policy.Observation]:
+    ) -> tuple[list[core_policy.Observation], list[RunView]]:
+        """Observations for the policy, and the corrupted runs nobody knows (checked next)."""
         by_current: dict[str, Lineage] = {}
         retired: set[str] = set()  # corrupted runs a lineage has already moved on from
         for lineage in lineages:
             by_current[lineage.current_run_id] = lineage
             if lineage.root_run_id != lineage.current_run_id:
                 retired.add(lineage.root_run_id)
-        by_id = {lineage.lineage_id: lineage for lineage in by_current.values()}
         observations: list[core_policy.Observation] = []
+        unknown: list[RunView] = []
         seen: set[str] = set()
         for run in runs:
             watched = by_current.get(run.run_id)
@@ -285,16 +329,79 @@ class Poller:
                 if run.corrupted or watched.state in _ACTIVE or watched.attempt_starts:
                     observations.append(core_policy.Observation(run=run, lineage=watched))
                 continue
-            if not run.corrupted or run.run_id in retired:
-                continue
-            tag = run.user_metadata.get(TAG_LINEAGE)
-            if tag is not None and tag in by_id:
-                continue  # an earlier run of a lineage that has a newer current run
-            observations.append(core_policy.Observation(run=run, lineage=None))
+            if run.corrupted and run.run_id not in retired:
+                unknown.append(run)
         for lineage in by_current.values():
             if lineage.lineage_id not in seen and lineage.state in _ACTIVE:
                 observations.append(core_policy.Observation(run=None, lineage=lineage))
+        return observations, unknown
+
+    async def _place_unknown(
+        self,
+        unknown: Sequence[RunView],
+        runs: Sequence[RunView],
+        lineages: Mapping[str, Lineage],
+        now: datetime,
+    ) -> list[core_policy.Observation]:
+        """Corrupted runs the store has no lineage for. Rare, so a store read each is fine.
+
+        - Our tags on such a run are trusted only with the idempotency key of an attempt of
+          that lineage (anyone can write a tag): an untrusted run is its own lineage.
+        - A run of a known lineage with a newer current run is left alone.
+        - A run the service's metadata shows was already recovered (a run carrying our key and
+          `recovered_from` it, same owner and base model) is never recovered again, whatever
+          the local store says: its lineage is rebuilt from the listing instead.
+        """
+        successors = core_lineage.successors_by_origin(runs)
+        current = {lineage.current_run_id for lineage in lineages.values()}
+        observations: list[core_policy.Observation] = []
+        for run in unknown:
+            tag = run.lineage_tag
+            if tag is not None and not await self._tag_trusted(run, tag):
+                log.warning(
+                    "untrusted_lineage_tag",
+                    run_id=run.run_id,
+                    lineage_tag=tag[:256],
+                    reason="no attempt of that lineage has this run's idempotency key",
+                )
+                run = core_lineage.without_our_tags(run)
+                tag = None
+            if tag is not None and tag in lineages:
+                continue  # an earlier run of a lineage that has a newer current run
+            chain = core_lineage.successor_chain(run, successors)
+            if chain:
+                if chain[-1].run_id not in current:
+                    await self._rebuild(run, chain, now)
+                continue
+            observations.append(core_policy.Observation(run=run, lineage=None))
         return observations
+
+    async def _tag_trusted(self, run: RunView, tag: str) -> bool:
+        key = run.idempotency_key
+        if key is None or not core_lineage.is_valid_lineage_id(tag) or len(key) > 512:
+            return False
+        attempt = await self._store.get_attempt(key)
+        return attempt is not None and attempt.lineage_id == tag
+
+    async def _rebuild(self, origin: RunView, chain: Sequence[RunView], now: datetime) -> None:
+        lineage = core_lineage.rebuilt_from_successors(origin, chain, now)
+        event = Event(
+            at=now,
+            kind="lineage_rebuilt",
+            reason=lineage.reason,
+            lineage_id=lineage.lineage_id,
+            run_id=origin.run_id,
+            data={"chain": [run.run_id for run in chain], "run": run_payload(origin)},
+        )
+        await self._store.save_lineage(lineage, event, epoch=self._epoch)
+        self._known[lineage.lineage_id] = lineage
+        log.warning(
+            "lineage_rebuilt",
+            lineage_id=lineage.lineage_id,
+            run_id=origin.run_id,
+            current_run_id=lineage.current_run_id,
+            reason=lineage.reason,
+        )
 
     async def _act(
         self,
@@ -302,35 +409,52 @@ class Poller:
         runs: Sequence[RunView],
         now: datetime,
         tg: asyncio.TaskGroup,
+        policy: PolicySettings,
     ) -> int:
         runs_by_id = {run.run_id: run for run in runs}
         started = 0
         for decision in decisions:
-            self._metrics.decisions.labels(decision=decision.kind.value).inc()
+            previous = self._known.get(decision.lineage.lineage_id)
             run = runs_by_id.get(decision.lineage.current_run_id)
-            if decision.lineage.detected_at == now:
-                # Confirmed by this cycle's read, whatever was decided about it.
-                self._metrics.corruptions_detected.inc()
-                self._fleet.detections.append(now)
-            await self._record(decision, run)
+            rule = None
             if decision.start_attempt and run is not None:
-                rule = core_rules.match_rule(run, self.policy.rules)
-                if rule is None:  # the policy only starts attempts for matched runs
-                    continue
-                await self._executor.start(decision.lineage, run, rule, tg=tg)
+                rule = core_rules.match_rule(run, policy.rules)
+            if rule is not None and run is not None:
+                # The decision and the attempt's first row are one transaction (executor.start).
+                event = self._decision_event(decision, previous, run)
+                attempt = await self._executor.start(
+                    decision.lineage,
+                    run,
+                    rule,
+                    tg=tg,
+                    epoch=self._epoch,
+                    before=previous,
+                    decision=event,
+                )
+                if attempt is None:
+                    continue  # not started, nothing written: decided again next cycle
                 self._fleet.starts.append(now)
                 started += 1
+            elif previous == decision.lineage:
+                continue  # nothing changed: not a decision worth a write, a count or a metric
+            else:
+                await self._record(decision, previous, run)
+            self._counted(decision, now)
         self._export_lineage_gauge(decisions)
         return started
 
-    async def _record(self, decision: Decision, run: RunView | None) -> None:
-        # Compare with what the policy decided from (read once this cycle), not a fresh read:
-        # an unchanged lineage is never written back, so an executor transition made during
-        # the cycle cannot be overwritten by the copy the policy saw.
-        previous = self._known.get(decision.lineage.lineage_id)
-        if previous == decision.lineage:
-            return
-        event = Event(
+    def _counted(self, decision: Decision, now: datetime) -> None:
+        """Metrics and breaker input for a decision that was written."""
+        self._metrics.decisions.labels(decision=decision.kind.value).inc()
+        if decision.lineage.detected_at == now:
+            # Confirmed by this cycle's read, whatever was decided about it.
+            self._metrics.corruptions_detected.inc()
+            self._fleet.detected(decision.lineage.lineage_id, now)
+
+    def _decision_event(
+        self, decision: Decision, previous: Lineage | None, run: RunView | None
+    ) -> Event:
+        return Event(
             at=decision.lineage.updated_at,
             kind="decision",
             reason=decision.reason,
@@ -343,7 +467,15 @@ class Poller:
                 "run": run_payload(run) if run else None,
             },
         )
-        await self._store.save_lineage(decision.lineage, event)
+
+    async def _record(
+        self, decision: Decision, previous: Lineage | None, run: RunView | None
+    ) -> None:
+        # Compared with what the policy decided from (read once this cycle), not a fresh read:
+        # an unchanged lineage is never written back, so an executor transition made during
+        # the cycle cannot be overwritten by the copy the policy saw.
+        event = self._decision_event(decision, previous, run)
+        await self._store.save_lineage(decision.lineage, event, epoch=self._epoch)
         log.info(
             "lineage_transition",
             lineage_id=decision.lineage.lineage_id,
@@ -363,13 +495,16 @@ class Poller:
             self._metrics.lineages.labels(state=state.value).set(counts.get(state, 0))
 
     async def _restore_fleet_memory(self) -> None:
-        """Rebuild breaker inputs from the store after a (re)start or a takeover."""
+        """Rebuild breaker inputs from the store after a (re)start or a takeover: replaced,
+        not appended to, so each gain of the lease does not count the same detections again."""
+        detections: dict[str, datetime] = {}
+        starts: list[datetime] = []
         for lineage in await self._store.list_lineages():
             if lineage.detected_at is not None:
-                self._fleet.detections.append(lineage.detected_at)
-            self._fleet.starts.extend(lineage.attempt_starts)
-        self._fleet.detections = deque(sorted(self._fleet.detections))
-        self._fleet.starts = deque(sorted(self._fleet.starts))
+                detections[lineage.lineage_id] = lineage.detected_at
+            starts.extend(lineage.attempt_starts)
+        self._fleet.detections = detections
+        self._fleet.starts = deque(sorted(starts))
 
 
 def _reason(exc: RecoveryError) -> str:

@@ -8,16 +8,17 @@ run is the successor, and whether it progressed, is judged in core/ranking.py.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import structlog
 
+from tinker_recovery.core import attempt as attempt_rules
 from tinker_recovery.core import ranking
 from tinker_recovery.core.model import (
     TAG_IDEMPOTENCY_KEY,
-    TAG_LINEAGE,
     Attempt,
     AttemptOutcome,
     AttemptStep,
@@ -35,7 +36,7 @@ from tinker_recovery.shell.ledger import (
     Tracked,
     attempt_event,
 )
-from tinker_recovery.shell.store.base import Event, Store
+from tinker_recovery.shell.store.base import BadCheckpoint, Event, Store
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +68,7 @@ def handed_off_at(attempt: Attempt, events: Sequence[Event]) -> datetime:
 
 
 class Reconciler:
-    """Confirms handed-off attempts and settles what an earlier process left unfinished."""
+    """Confirms handed-off attempts and settles what nobody carries out any more."""
 
     def __init__(self, *, ledger: Ledger, store: Store, clock: Clock) -> None:
         self._ledger = ledger
@@ -77,10 +78,23 @@ class Reconciler:
     # confirmation ------------------------------------------------------------------------------
 
     async def observe(self, runs: Sequence[RunView], now: datetime) -> None:
-        """Confirm or fail handed-off attempts against one successful listing."""
+        """Confirm or fail handed-off attempts against one consistent listing."""
+        ids = {run.run_id for run in runs}
         # Runs listed now existed before any attempt that starts later: none can be its
-        # successor. The latest listing is enough (a run gone from it does not come back).
-        self._ledger.seen_runs = {run.run_id for run in runs}
+        # successor. Runs new since the previous listing may be a successor without tags.
+        new_ids = ids - self._ledger.seen_runs if self._ledger.seen_runs else set()
+        self._ledger.seen_runs = ids
+        if not self._ledger.tracked:
+            return
+        by_id = {run.run_id: run for run in runs}
+        new_runs = [by_id[run_id] for run_id in new_ids]
+        for tracked in self._ledger.tracked.values():
+            origin = by_id.get(tracked.attempt.corrupted_run_id)
+            if origin is not None:
+                tracked.origin = origin
+            if new_runs and _matching(tracked) and tracked.origin is not None:
+                found = ranking.match_untagged(tracked.origin, new_runs, exclude=tracked.exclude)
+                tracked.match_candidates.update(run.run_id for run in found)
         waiting = [
             tracked
             for tracked in self._ledger.tracked.values()
@@ -92,34 +106,23 @@ class Reconciler:
         ]
         if not waiting:
             return
-        # Successors carry our tags: scan the fleet once per cycle, not once per attempt.
-        tagged = [
-            run
-            for run in runs
-            if TAG_LINEAGE in run.user_metadata or TAG_IDEMPOTENCY_KEY in run.user_metadata
-        ]
-        by_id = {run.run_id: run for run in runs}
+        by_key = {key: run for run in runs if (key := run.user_metadata.get(TAG_IDEMPOTENCY_KEY))}
         for tracked in waiting:
-            recorded = tracked.attempt.successor_run_id
-            candidates = tagged
-            if recorded is not None:
-                found = by_id.get(recorded)
-                candidates = [found] if found is not None else []
-            await self._confirm(tracked, candidates, now)
+            await self._confirm(tracked, by_id, by_key, now)
 
-    async def _confirm(self, tracked: Tracked, runs: Sequence[RunView], now: datetime) -> None:
+    async def _confirm(
+        self,
+        tracked: Tracked,
+        by_id: Mapping[str, RunView],
+        by_key: Mapping[str, RunView],
+        now: datetime,
+    ) -> None:
         if tracked.handed_off_at is None:
             tracked.handed_off_at = tracked.attempt.updated_at
-        successor = ranking.find_successor(tracked.attempt, runs, exclude=tracked.exclude)
-        if successor is not None and tracked.attempt.successor_run_id is None:
-            late = " although the handoff reported a failure" if tracked.handoff_failure else ""
-            await self._ledger.record(
-                tracked,
-                AttemptStep.CONFIRMING,
-                f"successor {successor.run_id} appeared{late}",
-                at=now,
-                successor_run_id=successor.run_id,
-            )
+        seen_before = tracked.attempt.successor_run_id is not None
+        successor = await self._successor(tracked, by_id, by_key, now)
+        sighting = attempt_rules.Sighting(present=False, seen_before=seen_before)
+        progress: ranking.Progress | None = None
         if successor is not None:
             progress = ranking.judge_progress(
                 tracked.attempt,
@@ -129,66 +132,198 @@ class Reconciler:
             )
             if tracked.first_seen_request is None:
                 tracked.first_seen_request = successor.last_request_time
-            if progress.confirmed:
-                what = "saved a newer checkpoint" if progress.checkpointed else "sent requests"
-                await self._ledger.finish(
-                    tracked,
-                    AttemptOutcome.SUCCEEDED,
-                    f"successor {successor.run_id} {what}",
-                    now=now,
-                    progressed=progress.checkpointed,
-                )
-                return
-        if successor is None and await self._grace_over(tracked, now):
-            return
+            sighting = attempt_rules.Sighting(
+                present=True,
+                corrupted=successor.corrupted,
+                progressed=progress.confirmed,
+                checkpointed=progress.checkpointed,
+                seen_before=seen_before,
+            )
+        elif tracked.handoff_failure is not None:
+            tracked.listings_since_failure += 1
         deadline = tracked.deadline
-        if deadline is not None and now >= deadline:
-            why = "made no progress" if successor is not None else "never appeared"
-            reason = f"successor {why} before the confirm deadline"
-            if tracked.handoff_failure is not None:
-                reason = f"{tracked.handoff_failure}; {reason}"
-            await self._ledger.finish(tracked, AttemptOutcome.FAILED, reason, now=now)
+        clocks = attempt_rules.Clocks(
+            past_deadline=deadline is not None and now >= deadline,
+            handoff_failed=tracked.handoff_failure is not None,
+            # The listing in flight when the handoff failed may predate the job's run: it takes
+            # a second listing, surely made after the failure, as well as the time.
+            grace_over=tracked.grace_ends is not None
+            and now >= tracked.grace_ends
+            and tracked.listings_since_failure >= 2,
+        )
+        verdict = attempt_rules.confirm(sighting, clocks)
+        await self._carry_out(tracked, verdict, successor, progress, now)
 
-    async def _grace_over(self, tracked: Tracked, now: datetime) -> bool:
-        """After a failed handoff with no successor in sight: fail the attempt once the grace
-        has passed. The listing in flight when the handoff failed may predate the job's run, so
-        it takes a second listing, surely made after the failure, as well as the time."""
-        if tracked.handoff_failure is None or tracked.grace_ends is None:
-            return False
-        tracked.listings_since_failure += 1
-        if tracked.listings_since_failure < 2 or now < tracked.grace_ends:
-            return False
-        reason = f"{tracked.handoff_failure}; no successor appeared after it"
+    async def _carry_out(
+        self,
+        tracked: Tracked,
+        verdict: attempt_rules.Verdict,
+        successor: RunView | None,
+        progress: ranking.Progress | None,
+        now: datetime,
+    ) -> None:
+        if verdict is attempt_rules.Verdict.WAIT:
+            return
+        if verdict is attempt_rules.Verdict.SUCCEED:
+            assert successor is not None
+            assert progress is not None
+            what = "saved a newer checkpoint" if progress.checkpointed else "sent requests"
+            await self._ledger.finish(
+                tracked,
+                AttemptOutcome.SUCCEEDED,
+                f"successor {successor.run_id} {what}",
+                now=now,
+                progressed=progress.checkpointed,
+            )
+            return
+        if tracked.match_candidates and len(self._present(tracked, successor)) > 1:
+            await self._fail_ambiguous(tracked, now)
+            return
+        reason = _failure_reason(tracked, successor, verdict)
+        suspect: BadCheckpoint | None = None
+        path = tracked.attempt.checkpoint_path
+        if verdict is attempt_rules.Verdict.FAIL_SUSPECT and path is not None:
+            suspect = BadCheckpoint(
+                path, f"suspect: the job resumed from it and {reason.split('; ')[-1]}", now
+            )
+        await self._ledger.finish(tracked, AttemptOutcome.FAILED, reason, now=now, suspect=suspect)
+
+    def _present(self, tracked: Tracked, successor: RunView | None) -> list[str]:
+        present = sorted(tracked.match_candidates & self._ledger.seen_runs)
+        return present if successor is None else [successor.run_id]
+
+    async def _successor(
+        self,
+        tracked: Tracked,
+        by_id: Mapping[str, RunView],
+        by_key: Mapping[str, RunView],
+        now: datetime,
+    ) -> RunView | None:
+        """The attempt's successor in this listing: the one recorded, a run carrying its key,
+        or (without tags) the one new run matching the corrupted run. Records a new one."""
+        attempt = tracked.attempt
+        if attempt.successor_run_id is not None:
+            return by_id.get(attempt.successor_run_id)
+        how = "appeared"
+        successor = by_key.get(attempt.attempt_id)
+        if successor is not None and successor.run_id in tracked.exclude:
+            successor = None
+        if successor is None and tracked.match_candidates:
+            present = self._present(tracked, None)
+            if len(present) > 1:
+                await self._report_ambiguity(tracked, present, now)
+                return None
+            if len(present) == 1:
+                successor = by_id[present[0]]
+                how = "matched without tags (same owner, base model, LoRA rank and labels)"
+        if successor is None:
+            return None
+        late = " although the handoff reported a failure" if tracked.handoff_failure else ""
+        await self._ledger.record(
+            tracked,
+            AttemptStep.CONFIRMING,
+            f"successor {successor.run_id} {how}{late}",
+            at=now,
+            successor_run_id=successor.run_id,
+        )
+        return successor
+
+    async def _report_ambiguity(self, tracked: Tracked, present: list[str], now: datetime) -> None:
+        if tracked.ambiguity_reported:
+            return
+        tracked.ambiguity_reported = True
+        reason = (
+            f"{len(present)} new runs match the corrupted run {tracked.attempt.corrupted_run_id}"
+            f" and none carries the attempt's key: {', '.join(present[:10])}; not guessing"
+        )
+        log.warning(
+            "successor_ambiguous",
+            lineage_id=tracked.attempt.lineage_id,
+            attempt_id=tracked.attempt.attempt_id,
+            candidates=present[:10],
+        )
+        await self._store.append_event(
+            Event(
+                at=now,
+                kind="successor_ambiguous",
+                reason=reason,
+                lineage_id=tracked.attempt.lineage_id,
+                attempt_id=tracked.attempt.attempt_id,
+                data={"candidates": present[:50]},
+            )
+        )
+
+    async def _fail_ambiguous(self, tracked: Tracked, now: datetime) -> None:
+        """Several runs may be the job: handing off again could start it twice. End the attempt
+        and hold the lineage for an operator (`resume --lineage` once it is sorted out)."""
+        present = sorted(tracked.match_candidates & self._ledger.seen_runs)
+        reason = (
+            f"successor ambiguous: runs {', '.join(present[:10])} all match and none carries "
+            "the attempt's key; the lineage is held for an operator"
+        )
+        lineage_id = tracked.attempt.lineage_id
         await self._ledger.finish(tracked, AttemptOutcome.FAILED, reason, now=now)
-        return True
+        await self._store.set_hold(lineage_id, True, by="tinker-recovery", at=now)
 
-    # start-up ----------------------------------------------------------------------------------
+    # start-up, takeover and the per-cycle sweep -------------------------------------------------
 
-    async def reconcile(self, runs: Sequence[RunView] | None) -> None:
-        """Settle attempts a previous process left unfinished. Never hands off."""
-        now = self._clock.now()
+    async def reconcile(self, runs: Sequence[RunView] | None, *, epoch: int | None) -> None:
+        """Stop work from another lease epoch, forget what the store may have moved on since,
+        then settle everything unfinished under `epoch`. Never hands off."""
+        stale = [
+            tracked.task
+            for tracked in self._ledger.tracked.values()
+            if tracked.task is not None
+            and attempt_rules.is_stale(tracked.attempt.epoch, epoch)
+            and tracked.attempt.step in BEFORE_HANDOFF
+        ]
+        for task in stale:
+            task.cancel()
+        if stale:
+            log.warning("stale_attempts_cancelled", count=len(stale), epoch=epoch)
+            await asyncio.wait(stale)
         # After a lost lease another replica may have moved these on: the store is the truth.
-        # Running steps stay (a fenced-out one fails on its next write and cleans up itself).
-        for lineage_id, stale in list(self._ledger.tracked.items()):
-            if stale.task is None:
+        # A handoff still running from an older term is left to end; the sweep adopts it then.
+        for lineage_id, tracked in list(self._ledger.tracked.items()):
+            if tracked.task is None:
                 del self._ledger.tracked[lineage_id]
+        await self.sweep(runs, epoch=epoch)
+
+    async def sweep(self, runs: Sequence[RunView] | None, *, epoch: int | None) -> None:
+        """Adopt unfinished attempts nobody tracks, and repair lineages left recovering with
+        no attempt in flight (a failed write, a task that died, a lost term)."""
+        now = self._clock.now()
         for attempt in await self._store.unfinished_attempts():
             if attempt.lineage_id in self._ledger.tracked:
-                continue  # a step of ours is still running it
-            lineage = await self._store.get_lineage(attempt.lineage_id)
-            others = await self._store.attempts(attempt.lineage_id)
-            tracked = Tracked(
-                attempt=attempt,
-                rule=self._ledger.rule_for(lineage),
-                exclude=ranking.known_runs(lineage, others, attempt),
-            )
-            self._ledger.tracked[attempt.lineage_id] = tracked
-            if attempt.step in BEFORE_HANDOFF:
-                reason = "daemon stopped before the handoff"
+                continue  # being carried out, or confirmed, by this process
+            await self._adopt(attempt, runs, now, epoch)
+        await self._repair_lineages(now, epoch)
+
+    async def _adopt(
+        self,
+        attempt: Attempt,
+        runs: Sequence[RunView] | None,
+        now: datetime,
+        epoch: int | None,
+    ) -> None:
+        lineage = await self._store.get_lineage(attempt.lineage_id)
+        others = await self._store.attempts(attempt.lineage_id)
+        adopted = dataclasses.replace(attempt, epoch=epoch)
+        tracked = Tracked(
+            attempt=adopted,
+            rule=self._ledger.rule_for(lineage),
+            exclude=ranking.known_runs(lineage, others, attempt),
+        )
+        self._ledger.tracked[attempt.lineage_id] = tracked
+        try:
+            if attempt_rules.settle(attempt.step) is attempt_rules.Settle.ABANDON:
+                reason = "nobody carries it out any more and it had not handed off"
                 await self._ledger.finish(tracked, AttemptOutcome.ABANDONED, reason, now=now)
-                continue
+                return
             await self._resume(tracked, lineage, runs, now)
-        await self._repair_lineages(now)
+        except BaseException:
+            self._ledger.forget(tracked)  # the next sweep tries again
+            raise
 
     async def _resume(
         self,
@@ -201,53 +336,106 @@ class Reconciler:
         events = await self._store.events(lineage_id=attempt.lineage_id, limit=1000)
         tracked.handed_off_at = handed_off_at(attempt, events)
         _carry_on_grace(tracked, events)
-        successor = ranking.find_successor(attempt, runs or (), exclude=tracked.exclude)
-        found: str | None
+        listed = runs or ()
+        tracked.origin = next((r for r in listed if r.run_id == attempt.corrupted_run_id), None)
+        if _matching(tracked) and tracked.origin is not None:
+            # Which runs are new since the handoff is unknown after a restart: a run is a
+            # candidate only if it also sent a request after the handoff.
+            recent = [r for r in listed if r.last_request_time > tracked.handed_off_at]
+            found = ranking.match_untagged(tracked.origin, recent, exclude=tracked.exclude)
+            tracked.match_candidates.update(r.run_id for r in found)
+        successor = ranking.find_successor(attempt, listed, exclude=tracked.exclude)
+        found_id: str | None
         if successor is not None:
-            reason = f"resumed after restart; successor {successor.run_id} found"
-            found = successor.run_id
+            reason = f"adopted; successor {successor.run_id} found"
+            found_id = successor.run_id
+            tracked.first_seen_request = successor.last_request_time
         else:
-            reason = "resumed after restart; the handoff may have happened; waiting for it"
-            found = attempt.successor_run_id
-        await self._ledger.record(
-            tracked, AttemptStep.CONFIRMING, reason, at=now, successor_run_id=found
-        )
+            reason = "adopted; the handoff may have happened; waiting for its successor"
+            found_id = attempt.successor_run_id
+        moved: tuple[Lineage | None, Lineage] | None = None
         if lineage is not None and lineage.state is LineageState.RECOVERING:
             after = dataclasses.replace(
                 lineage, state=LineageState.RECOVERED, reason=reason, updated_at=now
             )
-            await self._ledger.save_lineage(lineage, after, tracked.attempt)
+            moved = (lineage, after)
+        await self._ledger.record(
+            tracked,
+            AttemptStep.CONFIRMING,
+            reason,
+            at=now,
+            lineage=moved,
+            successor_run_id=found_id,
+        )
 
-    async def _repair_lineages(self, now: datetime) -> None:
-        """Lineages left RECOVERING/RECOVERED with no attempt in flight (killed between writes)."""
+    async def _repair_lineages(self, now: datetime, epoch: int | None) -> None:
+        """Lineages left RECOVERING/RECOVERED with no attempt in flight."""
         stuck = [LineageState.RECOVERING, LineageState.RECOVERED]
         for lineage in await self._store.list_lineages(stuck):
             if lineage.lineage_id in self._ledger.tracked:
                 continue
             attempts = await self._store.attempts(lineage.lineage_id)
+            if any(a.outcome is None for a in attempts):
+                continue  # an unfinished attempt the sweep could not adopt just now
             last = max(attempts, key=lambda a: a.number, default=None)
             if last is None or last.number != lineage.attempts_total:
                 if lineage.state is not LineageState.RECOVERING:
                     continue
-                # The lineage was saved but the process died before the attempt row: record
-                # the attempt as abandoned so the budget and history stay truthful.
-                last = Attempt(
-                    attempt_id=f"{lineage.lineage_id}#{lineage.attempts_total}-unrecorded",
-                    lineage_id=lineage.lineage_id,
-                    number=lineage.attempts_total,
-                    corrupted_run_id=lineage.current_run_id,
-                    step=AttemptStep.DONE,
-                    started_at=lineage.updated_at,
-                    updated_at=now,
-                    outcome=AttemptOutcome.ABANDONED,
-                    reason="daemon stopped before the attempt was recorded",
-                    finished_at=now,
-                )
-                await self._store.save_attempt(
-                    last, attempt_event(last, "attempt_finished", last.reason, now)
-                )
+                last = await self._record_unrecorded(lineage, now, epoch)
             log.warning(
                 "lineage_repaired", lineage_id=lineage.lineage_id, attempt_id=last.attempt_id
             )
             rule = self._ledger.rule_for(lineage)
-            await self._ledger.apply_policy(lineage, last, rule, now, progressed=False)
+            await self._ledger.apply_policy(lineage, last, rule, now, epoch=epoch)
+
+    async def _record_unrecorded(
+        self, lineage: Lineage, now: datetime, epoch: int | None
+    ) -> Attempt:
+        """The lineage was saved but no attempt row was (data from before transitions were
+        atomic): record the attempt as abandoned so that budget and history stay truthful."""
+        last = Attempt(
+            attempt_id=f"{lineage.lineage_id}#{lineage.attempts_total}-unrecorded",
+            lineage_id=lineage.lineage_id,
+            number=lineage.attempts_total,
+            corrupted_run_id=lineage.current_run_id,
+            step=AttemptStep.DONE,
+            started_at=lineage.updated_at,
+            updated_at=now,
+            outcome=AttemptOutcome.ABANDONED,
+            reason="daemon stopped before the attempt was recorded",
+            finished_at=now,
+            epoch=epoch,
+        )
+        await self._store.save_attempt(
+            last, attempt_event(last, "attempt_finished", last.reason, now)
+        )
+        return last
+
+
+def _matching(tracked: Tracked) -> bool:
+    return tracked.rule.successor_match == "tags_or_match"
+
+
+def _failure_reason(
+    tracked: Tracked, successor: RunView | None, verdict: attempt_rules.Verdict
+) -> str:
+    if successor is not None and successor.corrupted:
+        reason = f"successor {successor.run_id} was corrupted before it made progress"
+    elif successor is not None:
+        reason = f"successor {successor.run_id} made no progress before the confirm deadline"
+    elif tracked.attempt.successor_run_id is not None:
+        reason = (
+            f"successor {tracked.attempt.successor_run_id} was seen, then stopped being "
+            "listed, and made no progress before the confirm deadline"
+        )
+    elif (
+        verdict is attempt_rules.Verdict.FAIL
+        and tracked.grace_ends is not None
+        and (tracked.handoff_failure is not None)
+    ):
+        return f"{tracked.handoff_failure}; no successor appeared after it"
+    else:
+        reason = "successor never appeared before the confirm deadline"
+    if tracked.handoff_failure is not None:
+        reason = f"{tracked.handoff_failure}; {reason}"
+    return reason

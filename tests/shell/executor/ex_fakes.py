@@ -32,7 +32,7 @@ from tinker_recovery.settings import CheckpointSettings, Rule
 from tinker_recovery.shell import executor as ex
 from tinker_recovery.shell.handoff import HandoffAction, HandoffRequest
 from tinker_recovery.shell.restore import RestoreResult
-from tinker_recovery.shell.store.base import Event
+from tinker_recovery.shell.store.base import Event, Transition
 from tinker_recovery.shell.store.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -292,23 +292,28 @@ class KillableStore(SqliteStore):
         super().__init__(path, clock=clock)
         self.switch = switch
 
-    async def save_attempt(self, attempt: Attempt, event: Event) -> None:
-        self.switch.tick(f"before save_attempt:{attempt.step}")
-        await super().save_attempt(attempt, event)
-        self.switch.tick(f"after save_attempt:{attempt.step}")
-
-    async def save_lineage(self, lineage: Lineage, event: Event) -> None:
-        self.switch.tick(f"before save_lineage:{lineage.state}")
-        await super().save_lineage(lineage, event)
-        self.switch.tick(f"after save_lineage:{lineage.state}")
-
-    async def mark_checkpoint_bad(self, tinker_path: str, reason: str, at: datetime) -> None:
-        self.switch.tick("mark_checkpoint_bad")
-        await super().mark_checkpoint_bad(tinker_path, reason, at)
+    async def commit(self, transition: Transition, *, epoch: int | None = None) -> None:
+        label = describe(transition)
+        self.switch.tick(f"before {label}")
+        await super().commit(transition, epoch=epoch)
+        self.switch.tick(f"after {label}")
 
     async def append_event(self, event: Event) -> None:
         self.switch.tick(f"append_event:{event.kind}")
         await super().append_event(event)
+
+
+def describe(transition: Transition) -> str:
+    """A kill point's label: what the transition writes."""
+    parts = []
+    if transition.attempt is not None:
+        parts.append(f"attempt:{transition.attempt.step}")
+    if transition.lineage is not None:
+        parts.append(f"lineage:{transition.lineage.state}")
+    if transition.bad_checkpoint is not None:
+        parts.append("bad_checkpoint")
+    parts.extend(f"event:{event.kind}" for event in transition.events)
+    return "commit " + ",".join(parts)
 
 
 @dataclass
@@ -366,7 +371,10 @@ async def build_world(
 
 
 def new_executor(
-    world: World, *, dry_run: bool = False, may_act: Callable[[], bool] = lambda: True
+    world: World,
+    *,
+    dry_run: bool = False,
+    may_act: Callable[[int | None], bool] = lambda epoch: True,
 ) -> ex.Executor:
     return ex.Executor(
         store=world.store,
@@ -403,7 +411,18 @@ async def run_attempt(world: World, current: Lineage, run: RunView, the_rule: Ru
     """Start an attempt and wait for its steps to end (handed off, or finished)."""
     async with asyncio.TaskGroup() as tg:
         attempt = await world.executor.start(current, run, the_rule, tg=tg)
+    assert attempt is not None
     return attempt
+
+
+async def observe_progress(world: World, run_id: str, *, after_s: float = 10.0) -> None:
+    """Two listings with the successor busier in the second: what confirmation needs (a run's
+    creation alone is not progress)."""
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
+    world.clock.advance(after_s)
+    if run_id in world.fleet.runs:
+        world.fleet.touch(run_id)
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
 
 
 def only(items: Iterable[T]) -> T:

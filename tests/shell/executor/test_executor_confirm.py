@@ -18,6 +18,7 @@ from ex_fakes import (
     lineage,
     lineage_tagged,
     new_executor,
+    observe_progress,
     only,
     rule,
     run_attempt,
@@ -49,7 +50,7 @@ async def test_successor_requests_confirm_the_attempt(world: World) -> None:
     world.clock.advance(60)
 
     with capture_logs() as logs:
-        await world.executor.observe(world.fleet.listing(), world.clock.now())
+        await observe_progress(world, "succ-1")
 
     done = await stored(world, attempt)
     assert done.outcome is AttemptOutcome.SUCCEEDED
@@ -60,8 +61,8 @@ async def test_successor_requests_confirm_the_attempt(world: World) -> None:
     assert after.current_run_id == "succ-1"
     assert world.sample("attempts_total", outcome="succeeded") == 1
     assert world.sample("attempt_duration_seconds_count") == 1
-    # detected 29 min before T0, confirmed 60 s after T0
-    assert world.sample("time_to_recovery_seconds_sum") == 29 * 60 + 60
+    # detected 29 min before T0, confirmed 70 s after T0 (the second listing)
+    assert world.sample("time_to_recovery_seconds_sum") == 29 * 60 + 70
     # corrupted 30 min before T0; the restored checkpoint is an hour old
     assert world.sample("work_lost_seconds_sum") == 30 * 60
     assert world.executor.in_flight() == 0
@@ -104,23 +105,26 @@ async def test_successor_that_never_appears_fails_at_the_deadline(world: World) 
     assert after.state is LineageState.WAITING
 
 
-async def test_lineage_tagged_run_started_after_the_attempt_is_the_successor(
+async def test_a_lineage_tag_alone_never_confirms_only_the_attempts_key_does(
     world: World,
 ) -> None:
-    # An older run of the lineage is already listed: it must not be taken for the successor.
+    # Anyone can write `tinker_recovery.lineage`: a run carrying only that tag (busy, new) is
+    # not the successor; the run that carries the attempt's idempotency key is.
     world.fleet.add_run("old-run", lineage_tagged("old"))
     await world.executor.observe(world.fleet.listing(), world.clock.now())
     world.handoff.starts_job = False
     current = await seed(world)
-    attempt = await run_attempt(world, current, corrupted_run(), rule())
-    world.clock.advance(30)
+    attempt = await run_attempt(world, current, corrupted_run(), rule(successor_match="tags"))
+    world.fleet.add_run("decoy", lineage_tagged("decoy"))  # lineage tag only, new and busy
+    await observe_progress(world, "decoy")
     world.fleet.touch("old-run")
-
     await world.executor.observe(world.fleet.listing(), world.clock.now())
     assert (await stored(world, attempt)).outcome is None
 
-    world.fleet.add_run("job-run", lineage_tagged("job"))  # no idempotency key, lineage tag only
-    await world.executor.observe(world.fleet.listing(), world.clock.now())
+    world.fleet.add_run(
+        "job-run", {**lineage_tagged("job"), TAG_IDEMPOTENCY_KEY: attempt.attempt_id}
+    )
+    await observe_progress(world, "job-run")
     done = await stored(world, attempt)
     assert (done.outcome, done.successor_run_id) == (AttemptOutcome.SUCCEEDED, "job-run")
 
@@ -139,6 +143,9 @@ async def test_reconcile_finds_the_successor_by_key_and_never_hands_off_again(
     resumed = await stored(world, attempt)
     assert (resumed.step, resumed.successor_run_id) == (AttemptStep.CONFIRMING, "succ-1")
     assert restarted.in_flight() == 1
+    await restarted.observe(world.fleet.listing(), world.clock.now())
+    world.clock.advance(10)
+    world.fleet.touch("succ-1")
     await restarted.observe(world.fleet.listing(), world.clock.now())
     assert (await stored(world, attempt)).outcome is AttemptOutcome.SUCCEEDED
     assert world.handoff.keys() == [attempt.attempt_id]
@@ -209,6 +216,7 @@ async def test_drain_cancels_steps_before_the_handoff_as_abandoned(world: World)
     current = await seed(world)
     async with asyncio.TaskGroup() as tg:
         attempt = await world.executor.start(current, corrupted_run(), rule(), tg=tg)
+        assert attempt is not None
         await entered.wait()
         assert (await stored(world, attempt)).step is AttemptStep.PROTECTING
         await world.executor.drain(0.0)
@@ -223,6 +231,7 @@ async def test_drain_during_the_handoff_leaves_it_for_reconcile(world: World) ->
     current = await seed(world)
     async with asyncio.TaskGroup() as tg:
         attempt = await world.executor.start(current, corrupted_run(), rule(), tg=tg)
+        assert attempt is not None
         await world.handoff.entered.wait()
         await world.executor.drain(0.0)
 

@@ -57,6 +57,14 @@ async def attempt_once(world: World, the_rule: Rule, kill_at: int | None) -> boo
     return killed
 
 
+async def confirm_by_progress(world: World) -> None:
+    """Two listings, the successor busier in the second: the attempt is confirmed."""
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
+    world.clock.advance(5)
+    world.fleet.touch("succ-1")
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
+
+
 async def restart_and_settle(world: World) -> None:
     """A new process on the same store: reconcile, then confirm until every attempt is done."""
     restarted = new_executor(world)
@@ -115,16 +123,16 @@ async def test_kill_while_confirming_still_settles_the_lineage(tmp_path: Path) -
     reference = await prepared(tmp_path / "reference.db", the_rule)
     assert not await attempt_once(reference, the_rule, None)
     reference.switch.labels.clear()
-    await reference.executor.observe(reference.fleet.listing(), reference.clock.now())
+    await confirm_by_progress(reference)
     points = list(reference.switch.labels)
-    assert len(points) >= 4, points  # successor row, outcome row, lineage row
+    assert len(points) >= 4, points  # successor row, then outcome + lineage in one commit
 
     for k in range(1, len(points) + 1):
         world = await prepared(tmp_path / f"confirm-kill-{k}.db", the_rule)
         assert not await attempt_once(world, the_rule, None)
         world.switch.at = world.switch.count + k
         with pytest.raises(Killed):
-            await world.executor.observe(world.fleet.listing(), world.clock.now())
+            await confirm_by_progress(world)
         world.switch.at = None
 
         await restart_and_settle(world)

@@ -60,6 +60,8 @@ async def test_a_job_started_by_a_failing_handoff_is_adopted_not_restarted(world
     assert world.sample("handoffs_total", type="command", outcome="failed") == 1
 
     await observe(world, 5)
+    world.fleet.touch("succ-1")  # the job it started is busy: progress
+    await observe(world, 5)
 
     done = await stored(world, attempt)
     assert (done.outcome, done.successor_run_id) == (AttemptOutcome.SUCCEEDED, "succ-1")
@@ -132,6 +134,8 @@ async def test_a_restart_during_the_grace_confirms_and_never_hands_off_again(
     restarted = new_executor(world)  # a fresh process: nothing in memory, only the store
     world.clock.advance(5)
     await restarted.reconcile(world.fleet.listing())
+    world.clock.advance(5)
+    world.fleet.touch("succ-1")
     await restarted.observe(world.fleet.listing(), world.clock.now())
 
     done = await stored(world, attempt)

@@ -17,6 +17,7 @@ from ex_fakes import (
     corrupted_run,
     lineage,
     new_executor,
+    observe_progress,
     only,
     rule,
     run_attempt,
@@ -313,7 +314,7 @@ async def test_a_handoff_that_surely_did_nothing_fails_at_once_and_lineage_waits
 
 async def test_a_replica_that_lost_its_lease_withholds_the_handoff(world: World) -> None:
     world.gateway.checkpoints[RUN_ID] = [ckpt("030", age_s=60)]
-    world.executor = new_executor(world, may_act=lambda: False)
+    world.executor = new_executor(world, may_act=lambda epoch: False)
     current = await seed(world)
 
     attempt = await run_attempt(world, current, corrupted_run(), rule())
@@ -321,9 +322,14 @@ async def test_a_replica_that_lost_its_lease_withholds_the_handoff(world: World)
     assert world.handoff.requests == []
     stored = await world.store.get_attempt(attempt.attempt_id)
     assert stored is not None
-    # Left at HANDING_OFF for the new leader's reconcile, which only ever confirms.
-    assert (stored.step, stored.outcome) == (AttemptStep.HANDING_OFF, None)
+    # Nothing left the daemon, and the row says so: the lineage is not left recovering with
+    # nobody tracking it (the store's fence still let this epoch write).
+    assert (stored.step, stored.outcome) == (AttemptStep.DONE, AttemptOutcome.ABANDONED)
+    assert "withheld" in stored.reason
     assert world.executor.in_flight() == 0
+    after = await world.store.get_lineage(LINEAGE_ID)
+    assert after is not None
+    assert after.state is not LineageState.RECOVERING
 
 
 async def test_dry_run_never_starts(tmp_path: Path) -> None:
@@ -331,8 +337,8 @@ async def test_dry_run_never_starts(tmp_path: Path) -> None:
     current = await seed(world)
 
     async with asyncio.TaskGroup() as tg:
-        with pytest.raises(RuntimeError, match="dry_run"):
-            await world.executor.start(current, corrupted_run(), rule(), tg=tg)
+        # A reload to dry run between decision and start: refused before anything is written.
+        assert await world.executor.start(current, corrupted_run(), rule(), tg=tg) is None
 
     assert await world.store.attempts(LINEAGE_ID) == []
 
@@ -342,9 +348,8 @@ async def test_one_attempt_per_lineage(world: World) -> None:
     current = await seed(world)
 
     async with asyncio.TaskGroup() as tg:
-        await world.executor.start(current, corrupted_run(), rule(), tg=tg)
-        with pytest.raises(RuntimeError, match="in flight"):
-            await world.executor.start(current, corrupted_run(), rule(), tg=tg)
+        assert await world.executor.start(current, corrupted_run(), rule(), tg=tg) is not None
+        assert await world.executor.start(current, corrupted_run(), rule(), tg=tg) is None
 
     assert len(await world.store.attempts(LINEAGE_ID)) == 1
 
@@ -398,7 +403,7 @@ async def test_unexpected_handoff_error_is_never_retried_only_confirmed(world: W
     assert (stored.step, stored.outcome) == (AttemptStep.HANDING_OFF, None)
     assert world.executor.in_flight() == 1  # still watched: the job may have started
     world.fleet.add_run("late", {TAG_IDEMPOTENCY_KEY: attempt.attempt_id})
-    await world.executor.observe(world.fleet.listing(), world.clock.now())
+    await observe_progress(world, "late")
     done = await world.store.get_attempt(attempt.attempt_id)
     assert done is not None
     assert (done.outcome, done.successor_run_id) == (AttemptOutcome.SUCCEEDED, "late")

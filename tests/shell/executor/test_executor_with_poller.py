@@ -28,6 +28,9 @@ class Health:
     def mark_poll_cycle(self, monotonic_s: float) -> None:
         pass
 
+    def mark_store(self, ok: bool) -> None:
+        pass
+
 
 async def test_poller_starts_the_attempt_and_a_later_cycle_confirms_it(tmp_path: Path) -> None:
     the_rule = rule(recover_preexisting=True, max_idle=None)
@@ -57,11 +60,12 @@ async def test_poller_starts_the_attempt_and_a_later_cycle_confirms_it(tmp_path:
 
     request = only(world.handoff.requests)
     assert request.checkpoint_path == "tinker://run-a/weights/030"
-    world.clock.advance(30)
-    world.fleet.touch("succ-1")
-    source.runs = [*world.fleet.listing(), replace(healthy, corrupted=True)]
     async with asyncio.TaskGroup() as tg:
-        await poller.cycle(tg)
+        for _ in range(2):  # the successor is first seen, then seen busier: progress
+            world.clock.advance(30)
+            world.fleet.touch("succ-1")
+            source.runs = [*world.fleet.listing(), replace(healthy, corrupted=True)]
+            await poller.cycle(tg)
 
     attempt = only(await world.store.attempts(request.lineage_id))
     assert attempt.outcome is AttemptOutcome.SUCCEEDED

@@ -1,7 +1,15 @@
 """The Store protocol every backend (SQLite, PostgreSQL) implements, and its records.
 
-Fencing: a store instance that holds the leader lease stamps every write with its epoch; a write
-made with a stale epoch raises `errors.FencedOut` and changes nothing.
+Fencing is per piece of work, not per store: every fenced write names the lease epoch it was
+started under (an attempt's own `epoch`, a poll cycle's epoch) and is refused with
+`errors.FencedOut`, changing nothing, unless the lease row still carries this replica and that
+very epoch, unexpired, checked in the same transaction. A replica that lost the lease and won it
+back (a newer epoch) therefore cannot let work from its old term write. `epoch=None` means "the
+epoch this store instance holds now" (single-process tools and tests).
+
+Every step of the daemon is one `Transition`: attempt row, lineage row, a bad-checkpoint mark and
+their events, committed together or not at all. An attempt row that already has an outcome is
+never updated again (`errors.StaleAttempt`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,37 @@ class Event:
     run_id: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
     seq: int | None = None  # assigned by the store
+
+
+@dataclass(frozen=True, slots=True)
+class BadCheckpoint:
+    """A checkpoint that failed validation: never chosen again."""
+
+    tinker_path: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TakenRequest:
+    """An operator request settled by this transition: "started" or "refused", and why."""
+
+    request_id: int
+    outcome: str
+    reason: str
+    at: datetime
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One step, all or nothing (see the module docstring)."""
+
+    attempt: Attempt | None = None
+    lineage: Lineage | None = None
+    bad_checkpoint: BadCheckpoint | None = None
+    taken_request: TakenRequest | None = None
+    events: tuple[Event, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +105,20 @@ class Store(Protocol):
 
     async def leader(self) -> Lease | None: ...
 
+    async def check(self) -> None:
+        """Raise `StoreUnavailable` if the store can no longer keep what is written to it (the
+        SQLite file was deleted or replaced under us, the database is unreachable)."""
+        ...
+
+    # transitions ----------------------------------------------------------------------------
+    async def commit(self, transition: Transition, *, epoch: int | None = None) -> None:
+        """Write everything in `transition` in one transaction, fenced on `epoch`."""
+        ...
+
     # lineages -------------------------------------------------------------------------------
-    async def save_lineage(self, lineage: Lineage, event: Event) -> None:
+    async def save_lineage(
+        self, lineage: Lineage, event: Event, *, epoch: int | None = None
+    ) -> None:
         """Upsert the lineage and append the event, in one transaction. Fenced."""
         ...
 
@@ -83,7 +134,8 @@ class Store(Protocol):
 
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
-        """Insert or update the attempt and append the event, in one transaction. Fenced."""
+        """Insert or update the attempt and append the event, in one transaction. Fenced on
+        `attempt.epoch`; refused (`StaleAttempt`) if the stored row already has an outcome."""
         ...
 
     async def get_attempt(self, attempt_id: str) -> Attempt | None: ...
@@ -122,6 +174,11 @@ class Store(Protocol):
         self, run_id: str, checkpoint_path: str | None, by: str, at: datetime
     ) -> int: ...
 
-    async def take_manual_requests(self) -> list[ManualRequest]:
-        """Pop queued requests (leader only; fenced)."""
+    async def pending_manual_requests(self) -> list[ManualRequest]:
+        """Requests not settled yet, oldest first. Each is settled by the `Transition` that
+        acts on it (`taken_request`), so one failure leaves the others queued."""
+        ...
+
+    async def manual_request_outcome(self, request_id: int) -> tuple[str, str] | None:
+        """(outcome, reason) once the request was settled; None while it waits."""
         ...

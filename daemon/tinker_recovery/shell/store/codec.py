@@ -103,6 +103,7 @@ def attempt_to_json(attempt: Attempt) -> str:
             "outcome": None if attempt.outcome is None else attempt.outcome.value,
             "reason": attempt.reason,
             "finished_at": _dump_opt(attempt.finished_at),
+            "epoch": attempt.epoch,
         },
         sort_keys=True,
     )

@@ -34,7 +34,7 @@ from tinker_recovery.shell.clock import Clock
 
 from . import codec
 from . import statements as q
-from .base import Event, Lease, ManualRequest
+from .base import Event, Lease, ManualRequest, Transition
 from .support import FenceState, load_migrations
 
 log = structlog.get_logger(__name__)
@@ -94,7 +94,9 @@ _INSERT_EVENT = q.for_postgres(q.INSERT_EVENT)
 _UPSERT_HOLD = q.for_postgres(q.UPSERT_HOLD)
 _DELETE_HOLD = q.for_postgres(q.DELETE_HOLD)
 _INSERT_MANUAL_REQUEST = q.for_postgres(q.INSERT_MANUAL_REQUEST)
-_TAKE_MANUAL_REQUESTS = q.for_postgres(q.TAKE_MANUAL_REQUESTS)
+_TAKE_MANUAL_REQUEST = q.for_postgres(q.TAKE_MANUAL_REQUEST)
+_PENDING_MANUAL_REQUESTS = q.for_postgres(q.PENDING_MANUAL_REQUESTS)
+_MANUAL_REQUEST_OUTCOME = q.for_postgres(q.MANUAL_REQUEST_OUTCOME)
 
 
 def connection_kwargs(url: str) -> dict[str, Any]:
@@ -136,7 +138,7 @@ class PostgresStore:
         )
 
     @asynccontextmanager
-    async def _tx(self, *, fenced: bool = False) -> AsyncIterator[Conn]:
+    async def _tx(self, *, fenced: bool = False, epoch: int | None = None) -> AsyncIterator[Conn]:
         if self._pool is None:
             raise RuntimeError("PostgresStore used before open() or after close()")
         try:
@@ -145,22 +147,22 @@ class PostgresStore:
                 conn.transaction(),
             ):
                 if fenced:
-                    await self._check_fence(conn)
+                    await self._check_fence(conn, epoch)
                 yield conn
         except PoolTimeout as exc:
             raise StoreUnavailable("no PostgreSQL connection available in time") from exc
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL store: {exc}") from exc
 
-    async def _check_fence(self, conn: Conn) -> None:
+    async def _check_fence(self, conn: Conn, epoch: int | None) -> None:
         if not self._fence.engaged:
             return
-        held = self._fence.held()
+        held = self._fence.held(epoch)
         if held is None:
-            raise self._fence.refuse()
+            raise self._fence.refuse(epoch)
         cur = await conn.execute(_FENCE, held)
         if await cur.fetchone() is None:
-            raise self._fence.refuse()
+            raise self._fence.refuse(epoch)
 
     async def _fetch(self, query: str | sql.Composed, params: Any = None) -> list[tuple[Any, ...]]:
         async with self._tx() as conn:
@@ -280,9 +282,36 @@ class PostgresStore:
         holder, epoch, expires_at = rows[0]
         return Lease(replica_id=holder, epoch=int(epoch), expires_at=_utc(expires_at))
 
+    async def check(self) -> None:
+        await self._fetch("SELECT 1")
+
+    # transitions ----------------------------------------------------------------------------
+    async def commit(self, transition: Transition, *, epoch: int | None = None) -> None:
+        async with self._tx(fenced=True, epoch=epoch) as conn:
+            if transition.attempt is not None:
+                cur = await conn.execute(_UPSERT_ATTEMPT, q.attempt_params(transition.attempt, _ts))
+                if await cur.fetchone() is None:
+                    raise q.stale_attempt(transition.attempt)
+            if transition.lineage is not None:
+                await conn.execute(_UPSERT_LINEAGE, q.lineage_params(transition.lineage, _ts))
+            if transition.bad_checkpoint is not None:
+                await conn.execute(
+                    _UPSERT_BAD_CHECKPOINT, q.bad_checkpoint_params(transition.bad_checkpoint, _ts)
+                )
+            if transition.taken_request is not None:
+                cur = await conn.execute(
+                    _TAKE_MANUAL_REQUEST, q.taken_params(transition.taken_request, _ts)
+                )
+                if await cur.fetchone() is None:
+                    raise q.request_taken_twice(transition.taken_request)
+            for event in transition.events:
+                await conn.execute(_INSERT_EVENT, q.event_params(event, _ts))
+
     # lineages -------------------------------------------------------------------------------
-    async def save_lineage(self, lineage: Lineage, event: Event) -> None:
-        await self._write(_UPSERT_LINEAGE, q.lineage_params(lineage, _ts), event=event)
+    async def save_lineage(
+        self, lineage: Lineage, event: Event, *, epoch: int | None = None
+    ) -> None:
+        await self.commit(Transition(lineage=lineage, events=(event,)), epoch=epoch)
 
     async def get_lineage(self, lineage_id: str) -> Lineage | None:
         rows = await self._fetch(_GET_LINEAGE, {"lineage_id": lineage_id})
@@ -305,7 +334,7 @@ class PostgresStore:
 
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
-        await self._write(_UPSERT_ATTEMPT, q.attempt_params(attempt, _ts), event=event)
+        await self.commit(Transition(attempt=attempt, events=(event,)), epoch=attempt.epoch)
 
     async def get_attempt(self, attempt_id: str) -> Attempt | None:
         rows = await self._fetch(_GET_ATTEMPT, {"attempt_id": attempt_id})
@@ -365,10 +394,15 @@ class PostgresStore:
         rows = await self._write(_INSERT_MANUAL_REQUEST, params, fenced=False)
         return int(rows[0][0])
 
-    async def take_manual_requests(self) -> list[ManualRequest]:
-        params = {"taken_at": _ts(self._clock.now()), "taken_by": self._fence.holder}
-        rows = await self._write(_TAKE_MANUAL_REQUESTS, params)
+    async def pending_manual_requests(self) -> list[ManualRequest]:
+        rows = await self._fetch(_PENDING_MANUAL_REQUESTS)
         return q.manual_requests_from_rows(rows, _utc)
+
+    async def manual_request_outcome(self, request_id: int) -> tuple[str, str] | None:
+        rows = await self._fetch(_MANUAL_REQUEST_OUTCOME, {"request_id": request_id})
+        if not rows or rows[0][2] is None:
+            return None
+        return str(rows[0][0] or "taken"), str(rows[0][1] or "")
 
     # helpers --------------------------------------------------------------------------------
     async def _write(

@@ -13,6 +13,7 @@ file share a host clock), so two daemons pointed at the same file cannot both ac
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -30,7 +31,7 @@ from tinker_recovery.shell.clock import Clock
 
 from . import codec
 from . import statements as q
-from .base import Event, Lease, ManualRequest
+from .base import Event, Lease, ManualRequest, Transition
 from .support import FenceState, load_migrations
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,7 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._fence = FenceState()
         self._watch_started_at: datetime | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the opened file
 
     @property
     def path(self) -> Path:
@@ -72,11 +74,13 @@ class SqliteStore:
                 raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
 
     @contextmanager
-    def _tx(self, conn: sqlite3.Connection, *, fenced: bool = False) -> Iterator[None]:
+    def _tx(
+        self, conn: sqlite3.Connection, *, fenced: bool = False, epoch: int | None = None
+    ) -> Iterator[None]:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if fenced:
-                self._check_fence(conn)
+                self._check_fence(conn, epoch)
             yield
             conn.execute("COMMIT")
         except BaseException:
@@ -86,10 +90,10 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             raise
 
-    def _check_fence(self, conn: sqlite3.Connection) -> None:
+    def _check_fence(self, conn: sqlite3.Connection, epoch: int | None) -> None:
         if not self._fence.engaged:
             return
-        held = self._fence.held()
+        held = self._fence.held(epoch)
         row = conn.execute(_LEASE_ROW).fetchone()
         if (
             held is None
@@ -97,7 +101,7 @@ class SqliteStore:
             or (row[0], row[1]) != held
             or codec.load_time(row[2]) <= self._clock.now()
         ):
-            raise self._fence.refuse()
+            raise self._fence.refuse(epoch)
 
     # lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -128,9 +132,11 @@ class SqliteStore:
                 conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
                 self._migrate(conn)
                 self._watch_started_at = self._init_meta(conn)
+                stat = os.stat(self._path)
             except BaseException:
                 conn.close()
                 raise
+            self._identity = (stat.st_dev, stat.st_ino)
             self._conn = conn
 
     def _enable_wal(self, conn: sqlite3.Connection) -> object:
@@ -185,6 +191,24 @@ class SqliteStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    async def check(self) -> None:
+        """SQLite keeps writing into a file that was unlinked or replaced under it, and every
+        write then "succeeds" into nothing anyone will read again: notice it."""
+        await asyncio.to_thread(self._check_sync)
+
+    def _check_sync(self) -> None:
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            raise StoreUnavailable(
+                f"sqlite store {self._path} was deleted while open; restart the daemon "
+                "(it rebuilds lineages from the service's run metadata)"
+            ) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+        if self._identity is not None and (stat.st_dev, stat.st_ino) != self._identity:
+            raise StoreUnavailable(f"sqlite store {self._path} was replaced while open")
 
     async def watch_started_at(self) -> datetime:
         if self._watch_started_at is None:
@@ -252,10 +276,36 @@ class SqliteStore:
 
         return await self._run(read)
 
+    # transitions ----------------------------------------------------------------------------
+    async def commit(self, transition: Transition, *, epoch: int | None = None) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            with self._tx(conn, fenced=True, epoch=epoch):
+                if transition.attempt is not None:
+                    params = q.attempt_params(transition.attempt, codec.dump_time)
+                    if not conn.execute(q.UPSERT_ATTEMPT, params).fetchall():
+                        raise q.stale_attempt(transition.attempt)
+                if transition.lineage is not None:
+                    params = q.lineage_params(transition.lineage, codec.dump_time)
+                    conn.execute(q.UPSERT_LINEAGE, params)
+                if transition.bad_checkpoint is not None:
+                    conn.execute(
+                        q.UPSERT_BAD_CHECKPOINT,
+                        q.bad_checkpoint_params(transition.bad_checkpoint, codec.dump_time),
+                    )
+                if transition.taken_request is not None:
+                    taken = q.taken_params(transition.taken_request, codec.dump_time)
+                    if not conn.execute(q.TAKE_MANUAL_REQUEST, taken).fetchall():
+                        raise q.request_taken_twice(transition.taken_request)
+                for event in transition.events:
+                    conn.execute(q.INSERT_EVENT, q.event_params(event, codec.dump_time))
+
+        await self._run(write)
+
     # lineages -------------------------------------------------------------------------------
-    async def save_lineage(self, lineage: Lineage, event: Event) -> None:
-        params = q.lineage_params(lineage, codec.dump_time)
-        await self._write(q.UPSERT_LINEAGE, params, event=event)
+    async def save_lineage(
+        self, lineage: Lineage, event: Event, *, epoch: int | None = None
+    ) -> None:
+        await self.commit(Transition(lineage=lineage, events=(event,)), epoch=epoch)
 
     async def get_lineage(self, lineage_id: str) -> Lineage | None:
         rows = await self._select(q.GET_LINEAGE, {"lineage_id": lineage_id})
@@ -279,8 +329,7 @@ class SqliteStore:
 
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
-        params = q.attempt_params(attempt, codec.dump_time)
-        await self._write(q.UPSERT_ATTEMPT, params, event=event)
+        await self.commit(Transition(attempt=attempt, events=(event,)), epoch=attempt.epoch)
 
     async def get_attempt(self, attempt_id: str) -> Attempt | None:
         rows = await self._select(q.GET_ATTEMPT, {"attempt_id": attempt_id})
@@ -345,12 +394,15 @@ class SqliteStore:
         rows = await self._write(q.INSERT_MANUAL_REQUEST, params, fenced=False)
         return int(rows[0][0])
 
-    async def take_manual_requests(self) -> list[ManualRequest]:
-        def params() -> dict[str, Any]:  # evaluated under the lock, after the fence check
-            return {"taken_at": codec.dump_time(self._clock.now()), "taken_by": self._fence.holder}
-
-        rows = await self._write(q.TAKE_MANUAL_REQUESTS, params)
+    async def pending_manual_requests(self) -> list[ManualRequest]:
+        rows = await self._select(q.PENDING_MANUAL_REQUESTS, {})
         return q.manual_requests_from_rows(rows, codec.load_time)
+
+    async def manual_request_outcome(self, request_id: int) -> tuple[str, str] | None:
+        rows = await self._select(q.MANUAL_REQUEST_OUTCOME, {"request_id": request_id})
+        if not rows or rows[0][2] is None:
+            return None
+        return str(rows[0][0] or "taken"), str(rows[0][1] or "")
 
     # helpers --------------------------------------------------------------------------------
     async def _write(

@@ -14,9 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from tinker_recovery.core.model import Attempt, Lineage
+from tinker_recovery.errors import StaleAttempt
 
 from . import codec
-from .base import Event, ManualRequest
+from .base import BadCheckpoint, Event, ManualRequest, TakenRequest
 
 ToDb = Callable[[datetime], Any]
 FromDb = Callable[[Any], datetime]
@@ -63,6 +64,8 @@ ON CONFLICT (attempt_id) DO UPDATE SET
     lineage_id = excluded.lineage_id, number = excluded.number,
     corrupted_run_id = excluded.corrupted_run_id, successor_run_id = excluded.successor_run_id,
     outcome = excluded.outcome, started_at = excluded.started_at, data = excluded.data
+WHERE attempts.outcome IS NULL
+RETURNING attempt_id
 """
 
 GET_ATTEMPT = "SELECT data FROM attempts WHERE attempt_id = :attempt_id"
@@ -96,10 +99,21 @@ VALUES (:run_id, :checkpoint_path, :requested_at, :requested_by)
 RETURNING request_id
 """
 
-TAKE_MANUAL_REQUESTS = """
-UPDATE manual_requests SET taken_at = :taken_at, taken_by = :taken_by
-WHERE taken_at IS NULL
-RETURNING request_id, run_id, checkpoint_path, requested_at, requested_by
+PENDING_MANUAL_REQUESTS = """
+SELECT request_id, run_id, checkpoint_path, requested_at, requested_by FROM manual_requests
+WHERE taken_at IS NULL ORDER BY request_id
+"""
+
+# Settles one request; no row back means another writer settled it first (the transition fails).
+TAKE_MANUAL_REQUEST = """
+UPDATE manual_requests SET taken_at = :taken_at, taken_by = :taken_by, outcome = :outcome,
+    outcome_reason = :reason
+WHERE request_id = :request_id AND taken_at IS NULL
+RETURNING request_id
+"""
+
+MANUAL_REQUEST_OUTCOME = """
+SELECT outcome, outcome_reason, taken_at FROM manual_requests WHERE request_id = :request_id
 """
 
 _EVENT_COLUMNS = "seq, at, kind, reason, lineage_id, attempt_id, run_id, data"
@@ -139,6 +153,31 @@ def attempt_params(attempt: Attempt, ts: ToDb) -> dict[str, Any]:
         "started_at": ts(attempt.started_at),
         "data": codec.attempt_to_json(attempt),
     }
+
+
+def bad_checkpoint_params(mark: BadCheckpoint, ts: ToDb) -> dict[str, Any]:
+    return {"tinker_path": mark.tinker_path, "reason": mark.reason, "at": ts(mark.at)}
+
+
+def taken_params(taken: TakenRequest, ts: ToDb) -> dict[str, Any]:
+    return {
+        "request_id": taken.request_id,
+        "taken_at": ts(taken.at),
+        "taken_by": taken.by,
+        "outcome": taken.outcome,
+        "reason": taken.reason,
+    }
+
+
+def request_taken_twice(taken: TakenRequest) -> StaleAttempt:
+    return StaleAttempt(f"operator request {taken.request_id} was already settled elsewhere")
+
+
+def stale_attempt(attempt: Attempt) -> StaleAttempt:
+    return StaleAttempt(
+        f"attempt {attempt.attempt_id} is already finished in the store; this copy"
+        f" (step {attempt.step.value}) is out of date and was not written"
+    )
 
 
 def event_params(event: Event, ts: ToDb) -> dict[str, Any]:

@@ -66,14 +66,19 @@ class FenceState:
     holder: str | None = None
     epoch: int | None = None
 
-    def held(self) -> tuple[str, int] | None:
-        if self.holder is None or self.epoch is None:
+    def held(self, epoch: int | None = None) -> tuple[str, int] | None:
+        """(holder, epoch) a fenced write must find on the lease row: the work's own epoch
+        when it names one, else the latest this instance was granted."""
+        wanted = self.epoch if epoch is None else epoch
+        if self.holder is None or wanted is None:
             return None
-        return self.holder, self.epoch
+        return self.holder, wanted
 
-    def refuse(self) -> FencedOut:
+    def refuse(self, epoch: int | None = None) -> FencedOut:
         if self.holder is None:
             return FencedOut("this replica does not hold the leader lease; write refused")
+        wanted = self.epoch if epoch is None else epoch
         return FencedOut(
-            f"replica {self.holder} lost the leader lease (epoch {self.epoch}); write refused"
+            f"replica {self.holder} no longer holds the leader lease of epoch {wanted}"
+            f" (latest granted: {self.epoch}); write refused"
         )
