@@ -196,7 +196,7 @@ class Executor:
         )
         earlier = await self._store.attempts(lineage.lineage_id)
         exclude = ranking.known_runs(lineage, earlier, attempt) | self._ledger.seen_runs
-        tracked = led.Tracked(attempt=attempt, rule=rule, exclude=exclude)
+        tracked = led.Tracked(attempt=attempt, rule=rule, exclude=exclude, origin=run)
         self._ledger.tracked[lineage.lineage_id] = tracked
         try:
             await self._ledger.record(

@@ -161,6 +161,7 @@ class Ledger:
         self.rules = {rule.name: rule for rule in rules}
         self.tracked: dict[str, Tracked] = {}  # by lineage id: one attempt per lineage
         self.seen_runs: set[str] = set()  # run ids of the latest successful listing
+        self.listed = False  # whether `seen_runs` holds a listing yet (not just the start-up)
 
     def forget(self, tracked: Tracked) -> None:
         """Stop tracking `tracked` (only it: a reconcile may have replaced it since)."""

@@ -82,8 +82,9 @@ class Reconciler:
         ids = {run.run_id for run in runs}
         # Runs listed now existed before any attempt that starts later: none can be its
         # successor. Runs new since the previous listing may be a successor without tags.
-        new_ids = ids - self._ledger.seen_runs if self._ledger.seen_runs else set()
+        new_ids = ids - self._ledger.seen_runs if self._ledger.listed else set()
         self._ledger.seen_runs = ids
+        self._ledger.listed = True
         if not self._ledger.tracked:
             return
         by_id = {run.run_id: run for run in runs}
