@@ -21,6 +21,7 @@ import httpx
 import pytest
 from daemon_proc import free_port
 from live_daemon import Datagram, LiveDaemon, NotifySocket, base_config, process_state
+from prometheus_client.parser import text_string_to_metric_families
 
 from tinker_recovery.emulator import EmulatorConfig, EmulatorServer
 
@@ -123,6 +124,8 @@ def test_notify_sequence_watchdog_and_stalls(tmp_path: Path, emulator: EmulatorS
         ready_again = notify.wait_for(lambda d: d.has("READY", "1"), daemon, timeout_s=10)
         assert ready_again[-1].fields.get("STATUS") == "configuration reloaded"
         assert "config_reloaded" in [e["event"] for e in daemon.log_events()]
+        assert _metric(daemon, "tinker_recovery_config_reloads_total", outcome="success") == 1
+        assert _metric(daemon, "tinker_recovery_config_last_reload_successful") == 1
 
         # A file that no longer validates: still RELOADING=1 then READY=1 (systemd waits for
         # it), but STATUS says the old configuration was kept, and the daemon carries on.
@@ -132,6 +135,10 @@ def test_notify_sequence_watchdog_and_stalls(tmp_path: Path, emulator: EmulatorS
         refused = notify.wait_for(lambda d: d.has("READY", "1"), daemon, timeout_s=10)
         assert refused[-1].fields.get("STATUS", "").startswith("reload failed: kept the previous")
         assert "config_reload_failed" in [e["event"] for e in daemon.log_events()]
+        # What the ConfigReloadFailed alert reads; the time of the running config stays.
+        assert _metric(daemon, "tinker_recovery_config_reloads_total", outcome="failure") == 1
+        assert _metric(daemon, "tinker_recovery_config_last_reload_successful") == 0
+        assert _metric(daemon, "tinker_recovery_config_last_reload_success_timestamp_seconds") > 0
         notify.wait_for(lambda d: d.has("WATCHDOG", "1"), daemon, timeout_s=5)
 
         # SIGTERM: STOPPING=1, then a clean exit.
@@ -214,6 +221,15 @@ def test_sigterm_during_a_poll_cycle_stops_promptly(
         control.close()
         daemon.close()
         notify.close()
+
+
+def _metric(daemon: LiveDaemon, name: str, **labels: str) -> float:
+    text = daemon.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in the scrape")
 
 
 def _events(daemon: LiveDaemon) -> list[str]:
