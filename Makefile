@@ -40,6 +40,7 @@ lint: $(STAMP)
 typecheck: $(STAMP) $(COOKBOOK_STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy tests examples $(wildcard benchmarks/*.py)
+	$(BIN)/mypy --python-executable $(COOKBOOK_VENV)/bin/python $(wildcard tests/cookbook/*_job.py)
 
 unit: $(STAMP) $(COOKBOOK_STAMP) tools
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/pytest -q
