@@ -34,6 +34,11 @@ TOPICS = {
     "poll freshness": "tinker_recovery_last_successful_poll_timestamp_seconds",
     "API requests": "tinker_recovery_api_requests_total",
     "incident breaker": "tinker_recovery_incident_breaker_open",
+    "fleet paused": "tinker_recovery_fleet_paused",
+    "dry run": "tinker_recovery_dry_run",
+    "config reload": "tinker_recovery_config_last_reload_successful",
+    "config age": "tinker_recovery_config_last_reload_success_timestamp_seconds",
+    "API latency": "tinker_recovery_api_request_duration_seconds_bucket",
 }
 
 
