@@ -23,9 +23,12 @@ def test_stagger_starts_at_most_rate_attempts_per_interval(
 ) -> None:
     # The `log` handoff never produces a successor: attempts stay in flight, so what limits the
     # starts is the breaker alone (the concurrency cap is set well above the incident).
+    # Threshold 1: however the 12 corruptions spread over cycles on a busy machine, no batch of
+    # more than one can start before the breaker is open (a larger threshold let the first
+    # cycle's confirmations, read before the rest, all start at once: issue 9, defect 13).
     rules = [rule("fleet", "fleet", handoff="log", confirm_deadline="60s")]
     breaker = {
-        "threshold": 5,
+        "threshold": 1,
         "window": "1m",
         "mode": "stagger",
         "stagger_rate": RATE,
@@ -40,15 +43,18 @@ def test_stagger_starts_at_most_rate_attempts_per_interval(
     for run_id in victims:
         emu.corrupt(run_id)
 
-    daemon.wait_for(lambda: len(daemon.handoff_calls()) == 12, "12 handoffs", 40)
+    daemon.wait_for(lambda: len(daemon.handoff_calls()) == 12, "12 handoffs", 60)
+    # The times the daemon decided each start (the cycle's own clock reading, which is what the
+    # stagger counts), not when the rows landed: no wall-clock tolerance needed.
     starts = sorted(
-        a.started_at.timestamp() for run_id in victims for a in daemon.attempts_for_run(run_id)
+        event.at.timestamp()
+        for run_id in victims
+        for event in daemon.store_events(run_id)
+        if event.kind == "decision" and event.data.get("decision") == "recover"
     )
     assert len(starts) == 12
-    # Any RATE + 1 consecutive starts span at least one interval (200 ms for the delay between
-    # the cycle that decides and the attempt row; breaking the rate would give spans near 0).
     spans = [later - first for first, later in zip(starts, starts[RATE:], strict=False)]
-    assert min(spans) >= INTERVAL_S - 0.2, spans
+    assert min(spans) >= INTERVAL_S, spans
     assert daemon.events("incident_breaker", open=True)
     assert daemon.stop() == 0
 

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
-from tinker_recovery.core.model import Attempt, AttemptStep, Lineage, LineageState, RunView
-from tinker_recovery.errors import RemoteRejected, RemoteUnavailable
+from tinker_recovery.core.model import (
+    TAG_IDEMPOTENCY_KEY,
+    TAG_LINEAGE,
+    TAG_RECOVERED_FROM,
+    Attempt,
+    AttemptStep,
+    Lineage,
+    LineageState,
+    RunView,
+)
+from tinker_recovery.errors import RemoteRejected, RemoteUnavailable, StoreUnavailable
 from tinker_recovery.obs.metrics import POLL_ERROR_REASONS, Metrics
 from tinker_recovery.settings import BreakerSettings, PolicySettings, PollSettings, Rule
 from tinker_recovery.shell.poller import Poller
-from tinker_recovery.shell.store.base import Event, TakenRequest
+from tinker_recovery.shell.store.base import Event, TakenRequest, Transition
 from tinker_recovery.shell.store.sqlite import SqliteStore
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -113,6 +123,8 @@ class Health:
     def mark_poll_cycle(self, monotonic_s: float) -> None:
         pass
 
+    store_ok: bool | None = None
+
     def mark_store(self, ok: bool) -> None:
         self.store_ok = ok
 
@@ -142,6 +154,13 @@ class Rig:
         async with asyncio.TaskGroup() as tg:
             for _ in range(count):
                 await self.poller.cycle(tg)
+                await self.clock.sleep(1.0)
+
+    async def guarded_cycles(self, count: int) -> None:
+        """Cycles as the loop runs them: a failing cycle is counted, not raised."""
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(count):
+                await self.poller.poll_once(tg)
                 await self.clock.sleep(1.0)
 
     def sample(self, name: str, **labels: str) -> float:
@@ -287,3 +306,130 @@ async def test_a_standby_neither_polls_nor_acts(store: SqliteStore) -> None:
 
     assert r.health.successes == 0
     assert r.executor.reconciled == 0
+
+
+# adversity (issue 9) ---------------------------------------------------------------------------
+async def test_regaining_the_lease_does_not_count_the_same_corruption_again(
+    store: SqliteStore,
+) -> None:
+    """Defect 5: every gain appended the store's detections to the breaker's memory again, so
+    one corrupted run tripped a threshold of 4 (hold mode pauses the whole fleet)."""
+    bad = run("bad", corrupted=True)
+    breaker = BreakerSettings(threshold=3, mode="hold")
+    r = rig(store, [[*FLEET, bad]] * 8, breaker=breaker)
+    await r.cycles(2)  # suspect, then confirmed and started
+    assert r.executor.started == [("bad", "bad")]
+    for _ in range(6):  # the lease flaps: each gain rebuilds the breaker's memory
+        r.poller.on_leadership(False)
+        r.poller.on_leadership(True)
+        await r.cycles(1)
+
+    assert None not in await store.holds()
+    assert r.sample("incident_breaker_open") == 0
+    assert r.sample("corruptions_detected_total") == 1
+
+
+async def test_a_hostile_lineage_tag_cannot_take_over_another_lineage(store: SqliteStore) -> None:
+    """Defect 8: corrupted decoys tagged with a victim's lineage id made the victim 'retired'
+    and never recovered (and the decoys were not recovered either). An untrusted tag is
+    ignored: each run is its own lineage and each is recovered."""
+    victim = run("victim", corrupted=True)
+    decoys = [
+        replace(run(f"decoy-{i}", corrupted=True), user_metadata={TAG_LINEAGE: "victim"})
+        for i in range(4)
+    ]
+    r = rig(store, [[*decoys, victim, *FLEET]] * 3, max_concurrent=10)
+    with capture_logs() as logs:
+        await r.cycles(3)
+
+    assert sorted(r.executor.started) == sorted(
+        [(f"decoy-{i}", f"decoy-{i}") for i in range(4)] + [("victim", "victim")]
+    )
+    assert any(e["event"] == "untrusted_lineage_tag" for e in logs)
+
+
+async def test_a_run_already_recovered_per_the_service_is_not_recovered_again(
+    store: SqliteStore,
+) -> None:
+    """Defect 11: after the local store was lost, runs the daemon had already recovered were
+    recovered again, although their successors (carrying our key and `recovered_from`) were
+    in the same listing. The lineage is rebuilt from the listing instead."""
+    origin = run("lost-1", corrupted=True)
+    successor = replace(
+        run("lost-1-successor"),
+        user_metadata={
+            TAG_LINEAGE: "lost-1",
+            TAG_RECOVERED_FROM: "lost-1",
+            TAG_IDEMPOTENCY_KEY: "lost-1#1-0123456789ab",
+        },
+    )
+    r = rig(store, [[origin, successor, *FLEET]] * 3)
+
+    await r.cycles(3)
+
+    assert r.executor.started == []
+    rebuilt = await store.get_lineage("lost-1")
+    assert rebuilt is not None
+    assert (rebuilt.current_run_id, rebuilt.state) == ("lost-1-successor", LineageState.HEALTHY)
+    events = await store.events(lineage_id="lost-1")
+    assert [e.kind for e in events] == ["lineage_rebuilt"]  # once, not every cycle
+
+
+async def test_a_strangers_successor_tag_does_not_stop_a_recovery(store: SqliteStore) -> None:
+    origin = run("mine", corrupted=True)
+    stranger = replace(
+        run("theirs"),
+        owner="mallory",
+        user_metadata={TAG_RECOVERED_FROM: "mine", TAG_IDEMPOTENCY_KEY: "mine#1-0123456789ab"},
+    )
+    r = rig(store, [[origin, stranger]] * 3)
+    await r.cycles(3)
+    assert r.executor.started == [("mine", "mine")]
+
+
+class FailingStore(SqliteStore):
+    """The real store, with writes that fail like a full disk or an immutable file."""
+
+    failing = False
+
+    async def commit(self, transition: Transition, *, epoch: int | None = None) -> None:
+        if self.failing:
+            raise StoreUnavailable(f"sqlite store {self.path}: database or disk is full")
+        await super().commit(transition, epoch=epoch)
+
+
+async def test_a_failing_store_fails_readiness_and_is_counted_as_store(tmp_path: Path) -> None:
+    """Defect 12: with every write failing, /readyz said 200 and the errors were 'other'."""
+    store = FailingStore(tmp_path / "state.db", clock=Clock())
+    await store.open()
+    assert await store.acquire_or_renew("test", 3600.0) is not None
+    bad = run("bad", corrupted=True)
+    r = rig(store, [[*FLEET, bad]] * 4)
+    store.failing = True
+    await r.guarded_cycles(2)
+    assert r.health.store_ok is False
+    assert r.sample("poll_errors_total", reason="store") == 2
+    assert r.sample("poll_errors_total", reason="other") == 0
+    assert r.executor.started == []
+    store.failing = False
+    await r.guarded_cycles(2)
+    assert r.health.store_ok is True
+    assert r.executor.started == [("bad", "bad")]
+    await store.close()
+
+
+async def test_a_deleted_state_file_is_noticed(tmp_path: Path) -> None:
+    """Defect 11: deleting the SQLite file under a running daemon went unnoticed (writes
+    landed in the unlinked file and /readyz stayed 200)."""
+    path = tmp_path / "state.db"
+    store = SqliteStore(path, clock=Clock())
+    await store.open()
+    assert await store.acquire_or_renew("test", 3600.0) is not None
+    r = rig(store, [FLEET] * 2)
+    await r.guarded_cycles(1)
+    assert r.health.store_ok is True
+    path.unlink()
+    await r.guarded_cycles(1)
+    assert r.health.store_ok is False
+    assert r.sample("poll_errors_total", reason="store") == 1
+    await store.close()

@@ -183,7 +183,7 @@ class Poller:
             self.wake.clear()
             began = self._clock.monotonic()
             if self._is_leader():
-                await self._guarded_cycle(tg)
+                await self.poll_once(tg)
             else:
                 self._reconciled = False  # a later takeover must reconcile again
             # The loop turned (even if Tinker is down): that is what the watchdog wants to see.
@@ -194,7 +194,7 @@ class Poller:
             # `wake` is also set by the app when `stop` is, so one event ends the sleep early.
             await self._clock.sleep(max(0.0, self.poll.interval - elapsed), wakeup=self.wake)
 
-    async def _guarded_cycle(self, tg: asyncio.TaskGroup) -> None:
+    async def poll_once(self, tg: asyncio.TaskGroup) -> None:
         try:
             async with asyncio.timeout(self.poll.cycle_timeout):
                 await self.cycle(tg)
