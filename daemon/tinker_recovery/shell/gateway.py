@@ -15,7 +15,9 @@ an `errors.RemoteUnavailable` or `errors.RemoteRejected`. It must never put the 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import random
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,7 +49,13 @@ from tinker_recovery.shell.gateway_base import (
     to_run_view,
 )
 
-__all__ = ["GatewayUnavailable", "MalformedResponse", "TinkerGateway", "poll_error_reason"]
+__all__ = [
+    "GatewayUnavailable",
+    "MalformedResponse",
+    "TinkerGateway",
+    "make_http_client",
+    "poll_error_reason",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +103,11 @@ class TinkerGateway:
         # Parse listing pages with the slim projection (when msgspec is installed); False keeps
         # the SDK's models, for the benchmark's side-by-side figures.
         self._projection = projection
+        # httpx-aiohttp maps most aiohttp errors to httpx ones, not all (a response that is not
+        # HTTP raises aiohttp's own ClientResponseError): those count as connection failures.
+        aiohttp = sys.modules.get("aiohttp")
+        extra = () if aiohttp is None else (aiohttp.ClientError,)
+        self._transport_errors: tuple[type[BaseException], ...] = (httpx.TransportError, *extra)
         self._auth = Credentials(api_key, clock, rand)
         self._config_lock = asyncio.Lock()
         self._configured = asyncio.Event()
@@ -316,18 +329,30 @@ class TinkerGateway:
                     json=json,
                     headers={"X-API-Key": key, "Accept": "application/json"},
                 )
-        except (TimeoutError, httpx.TimeoutException):
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if not self._timed_out(exc):
+                raise self._connection_failed(endpoint, exc) from None
             counter.labels(endpoint=endpoint, code="timeout").inc()
             raise GatewayUnavailable(
                 f"{endpoint}: no answer within {self._cfg.request_timeout:g}s", reason="timeout"
             ) from None
-        except httpx.TransportError as exc:
-            counter.labels(endpoint=endpoint, code="connection").inc()
-            raise GatewayUnavailable(
-                f"{endpoint}: connection failed ({type(exc).__name__})", reason="connection"
-            ) from None
+        except self._transport_errors as exc:
+            raise self._connection_failed(endpoint, exc) from None
         counter.labels(endpoint=endpoint, code=str(response.status_code)).inc()
         return response
+
+    def _timed_out(self, exc: BaseException) -> bool:
+        # httpx-aiohttp reports a refused connection as httpx.ConnectTimeout; its cause says
+        # whether time really ran out (aiohttp's timeouts are TimeoutErrors).
+        cause = exc.__cause__
+        foreign = self._transport_errors[1:]
+        return not (foreign and isinstance(cause, foreign) and not isinstance(cause, TimeoutError))
+
+    def _connection_failed(self, endpoint: str, exc: BaseException) -> GatewayUnavailable:
+        self._metrics.api_requests.labels(endpoint=endpoint, code="connection").inc()
+        return GatewayUnavailable(
+            f"{endpoint}: connection failed ({type(exc).__name__})", reason="connection"
+        )
 
     @staticmethod
     def _classify(
@@ -369,6 +394,31 @@ def _consistent(pages: Mapping[int, _Page], total: int) -> list[RunView]:
     if len(ids) != len(runs) or len(runs) != total:
         raise _Shifted(f"{len(runs)} runs, {len(ids)} distinct ids, total_count {total}")
     return runs
+
+
+def make_http_client(cfg: TinkerSettings, *, transport: str = "auto") -> httpx.AsyncClient:
+    """The httpx client the gateway is meant to get: pooled, no proxies from the environment,
+    and httpx-aiohttp's transport when it is installed (`transport="auto"`; "httpx" forces
+    httpx's own). docs/tinker-gateway.md has the measurement behind the choice."""
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+    aio = None if transport == "httpx" else _aiohttp_transport(limits)
+    if aio is None and transport == "aiohttp":
+        raise RuntimeError("transport 'aiohttp' asked for, but httpx-aiohttp is not installed")
+    return httpx.AsyncClient(
+        limits=limits,
+        timeout=httpx.Timeout(cfg.request_timeout),
+        trust_env=False,
+        transport=aio,  # None: httpx's own
+    )
+
+
+def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
+    try:  # optional: imported by name so the daemon type-checks and runs without it
+        module = importlib.import_module("httpx_aiohttp")
+    except ImportError:
+        return None
+    transport: httpx.AsyncBaseTransport = module.AiohttpTransport(trust_env=False, limits=limits)
+    return transport
 
 
 def _check_page(page: RunsPage, *, offset: int, limit: int, first: bool) -> None:
