@@ -116,6 +116,12 @@ class Checkpoints:
             if rule.restore != "sdk":
                 await self._protect(tracked, chosen, **found)
                 return chosen, chosen.tinker_path, None
+            copy = await self._proven_copy(chosen, earlier)
+            if copy is not None:
+                # One proven copy per checkpoint per lineage: a retry reuses it instead of
+                # making (and paying for) another restored run.
+                await self._protect(tracked, chosen, **found)
+                return chosen, copy, ranking.run_id_of(copy)
             await self._ledger.record(
                 tracked, AttemptStep.RESTORING, "restoring with the SDK", **found
             )
@@ -129,6 +135,21 @@ class Checkpoints:
                 raise AttemptFinished(
                     AttemptOutcome.FAILED, f"requested checkpoint {override} could not be restored"
                 )
+
+    async def _proven_copy(self, chosen: CheckpointView, earlier: Sequence[Attempt]) -> str | None:
+        """The `restore: sdk` copy an earlier attempt of this lineage made of `chosen`, if one
+        did and the copy was not found bad since."""
+        copies = [
+            a.handed_off_path
+            for a in reversed(earlier)
+            if a.checkpoint_path == chosen.tinker_path
+            and a.handed_off_path is not None
+            and a.handed_off_path != chosen.tinker_path
+        ]
+        if not copies:
+            return None
+        bad = await self._store.bad_checkpoints(copies)
+        return next((path for path in copies if path not in bad), None)
 
     async def _select(
         self, tracked: Tracked, lineage: Lineage, run: RunView, earlier: Sequence[Attempt]
@@ -198,8 +219,16 @@ class Checkpoints:
         found = await self._listed(run.run_id)
         if run.last_checkpoint is not None:
             found.append(run.last_checkpoint)
-        # Fallbacks: checkpoints of the lineage's earlier runs, newest attempt first.
-        earlier_runs = [a.corrupted_run_id for a in reversed(earlier)] + [lineage.root_run_id]
+        # Fallbacks: checkpoints of the lineage's earlier runs, newest attempt first, and of the
+        # runs earlier attempts handed off to: a successor that ran for a while before it died
+        # saved newer checkpoints than the one it started from, and a retry must not roll the
+        # job back past them. Ranking orders them all by time.
+        earlier_runs: list[str] = []
+        for a in reversed(earlier):
+            if a.successor_run_id is not None:
+                earlier_runs.append(a.successor_run_id)
+            earlier_runs.append(a.corrupted_run_id)
+        earlier_runs.append(lineage.root_run_id)
         fallbacks = [r for r in dict.fromkeys(earlier_runs) if r != run.run_id]
         for other in fallbacks[:_MAX_EARLIER_RUNS]:
             found.extend(await self._listed(other))

@@ -289,6 +289,10 @@ class Executor:
         override: str | None,
     ) -> None:
         rule = tracked.rule
+        live = self._live_successor(tracked, earlier)
+        if live is not None:
+            await self._adopt_live(tracked, live, earlier)
+            return
         tags = self._tags(tracked.attempt, run)
         chosen, hand_off_path, restored_run = await self._checkpoints.prepare(
             tracked, lineage, run, earlier, override, tags
@@ -352,6 +356,59 @@ class Executor:
             await self._watch_for_late_successor(tracked, failure)
             return
         await self._handed_off(tracked, f"handed off via {rule.handoff}", hand_off_path, None)
+
+    def _live_successor(self, tracked: led.Tracked, earlier: Sequence[Attempt]) -> RunView | None:
+        """A run an earlier attempt of this lineage started that is alive and working now (it
+        carries that attempt's key, or was recorded as its successor, and its last request moved
+        between the two latest listings). Handing off again would start the job twice."""
+        keys = {a.attempt_id for a in earlier if a.attempt_id != tracked.attempt.attempt_id}
+        recorded = {a.successor_run_id for a in earlier if a.successor_run_id is not None}
+        for run in self._ledger.progressing.values():
+            if run.run_id == tracked.attempt.corrupted_run_id or run.corrupted:
+                continue
+            if run.run_id in recorded or run.user_metadata.get(TAG_IDEMPOTENCY_KEY) in keys:
+                return run
+        return None
+
+    async def _adopt_live(
+        self, tracked: led.Tracked, live: RunView, earlier: Sequence[Attempt]
+    ) -> None:
+        key = live.user_metadata.get(TAG_IDEMPOTENCY_KEY)
+        owner = next(
+            (a for a in earlier if a.attempt_id == key or a.successor_run_id == live.run_id), None
+        )
+        number = owner.number if owner is not None else "an earlier attempt"
+        reason = (
+            f"run {live.run_id}, started by attempt {number}, is alive and working: adopted as "
+            "the successor instead of handing off again"
+        )
+        log.warning(
+            "live_successor_adopted",
+            lineage_id=tracked.attempt.lineage_id,
+            attempt_id=tracked.attempt.attempt_id,
+            run_id=live.run_id,
+        )
+        lineage = await self._store.get_lineage(tracked.attempt.lineage_id)
+        moved: tuple[Lineage | None, Lineage] | None = None
+        now = self._clock.now()
+        if lineage is not None and lineage.state is LineageState.RECOVERING:
+            moved = (
+                lineage,
+                dataclasses.replace(
+                    lineage, state=LineageState.RECOVERED, reason=reason, updated_at=now
+                ),
+            )
+        tracked.exclude.discard(live.run_id)
+        await self._ledger.record(
+            tracked,
+            AttemptStep.CONFIRMING,
+            reason,
+            at=now,
+            lineage=moved,
+            successor_run_id=live.run_id,
+        )
+        tracked.handed_off_at = now
+        tracked.first_seen_request = live.last_request_time
 
     @staticmethod
     def _tags(attempt: Attempt, run: RunView) -> dict[str, str]:

@@ -43,6 +43,8 @@ log = structlog.get_logger(__name__)
 # Steps at which the handoff has certainly not happened (the rules live in core/attempt.py).
 BEFORE_HANDOFF = attempt_rules.BEFORE_HANDOFF
 
+_MAX_WATCHED = 10_000  # bound on remembered untagged successors (a few bytes each)
+
 EVENT_STEP = "attempt_step"
 # Event data keys written when a handoff failed but may have started the job (Tracked fields).
 NOTE_HANDOFF_FAILURE = "handoff_failure"
@@ -162,6 +164,11 @@ class Ledger:
         self.tracked: dict[str, Tracked] = {}  # by lineage id: one attempt per lineage
         self.seen_runs: set[str] = set()  # run ids of the latest successful listing
         self.listed = False  # whether `seen_runs` holds a listing yet (not just the start-up)
+        # Successors of this process's attempts (our key, or recorded) whose last request moved
+        # between the two latest listings: alive and working, never to be restarted.
+        self.request_times: dict[str, datetime] = {}
+        self.progressing: dict[str, RunView] = {}
+        self.watch_runs: set[str] = set()  # untagged successors of finished attempts
 
     def forget(self, tracked: Tracked) -> None:
         """Stop tracking `tracked` (only it: a reconcile may have replaced it since)."""
@@ -252,6 +259,10 @@ class Ledger:
         )
         tracked.attempt = attempt
         self.forget(tracked)
+        if attempt.successor_run_id is not None and len(self.watch_runs) < _MAX_WATCHED:
+            # A successor that carries no key is watched by id, so that a later attempt can
+            # tell it is alive before handing off again.
+            self.watch_runs.add(attempt.successor_run_id)
         log.info(
             "attempt_finished",
             lineage_id=attempt.lineage_id,

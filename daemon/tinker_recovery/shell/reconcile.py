@@ -85,6 +85,7 @@ class Reconciler:
         new_ids = ids - self._ledger.seen_runs if self._ledger.listed else set()
         self._ledger.seen_runs = ids
         self._ledger.listed = True
+        self._note_progress(runs)
         if not self._ledger.tracked:
             return
         by_id = {run.run_id: run for run in runs}
@@ -110,6 +111,23 @@ class Reconciler:
         by_key = {key: run for run in runs if (key := run.user_metadata.get(TAG_IDEMPOTENCY_KEY))}
         for tracked in waiting:
             await self._confirm(tracked, by_id, by_key, now)
+
+    def _note_progress(self, runs: Sequence[RunView]) -> None:
+        """Which successors are alive and working: runs carrying one of our keys (or recorded
+        as an untagged successor) whose last request moved since the previous listing."""
+        before = self._ledger.request_times
+        now_times: dict[str, datetime] = {}
+        progressing: dict[str, RunView] = {}
+        watch = self._ledger.watch_runs
+        for run in runs:
+            if TAG_IDEMPOTENCY_KEY not in run.user_metadata and run.run_id not in watch:
+                continue
+            now_times[run.run_id] = run.last_request_time
+            seen = before.get(run.run_id)
+            if seen is not None and run.last_request_time > seen and not run.corrupted:
+                progressing[run.run_id] = run
+        self._ledger.request_times = now_times
+        self._ledger.progressing = progressing
 
     async def _confirm(
         self,
