@@ -80,6 +80,11 @@ class Health:
         """A poll cycle ended, successful or not (the loop is turning)."""
         self.last_poll_cycle = monotonic_s
 
+    def mark_store(self, ok: bool) -> None:
+        """Whether the store kept what this cycle wrote (or could be reached): /readyz fails
+        while it does not."""
+        self.store_open = ok
+
     def tick(self, monotonic_s: float) -> None:
         self.last_loop_tick = monotonic_s
 
