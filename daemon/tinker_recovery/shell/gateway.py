@@ -2,14 +2,17 @@
 
 It owns the read and TTL endpoints (training runs, checkpoints, weights_info, checkpoint TTL),
 the `client/config` handshake and, when the server asks for it, the JWT exchange. Payloads are
-parsed with the SDK's public wire models (`tinker.types`), then turned into `core.model` views.
+parsed with the SDK's public wire models (`tinker.types`), then turned into `core.model` views;
+listing pages, the hot path, with a msgspec projection of `TrainingRun` held to the SDK's model
+by a contract test (gateway_base.py). A listing counts only when its pages add up to one fleet.
 
 Why not the SDK's RestClient: it retries 5xx/429/connection errors for about five minutes with
 no knob, which would freeze the monitor (docs/tinker-gateway.md). Here every request has its
 own deadline and a small, jittered retry budget, so a cycle always ends in bounded time.
 
-This is the one module that knows httpx and pydantic exception types: everything leaving it is
-an `errors.RemoteUnavailable` or `errors.RemoteRejected`. It must never put the key in a message.
+This is the one module that knows httpx, aiohttp and pydantic exception types: everything
+leaving it is an `errors.RemoteUnavailable` or `errors.RemoteRejected`. It must never put the
+key in a message.
 """
 
 from __future__ import annotations

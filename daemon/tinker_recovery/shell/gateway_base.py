@@ -12,10 +12,9 @@ import base64
 import binascii
 import json
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import MappingProxyType
 from typing import Literal
 
 import httpx
@@ -198,8 +197,6 @@ def projection_available() -> bool:
 
 
 _intern = sys.intern
-# One shared, read-only mapping for the many runs without metadata (no dict per run).
-_NO_METADATA: Mapping[str, str] = MappingProxyType({})
 
 
 def _utc_fast(value: datetime) -> datetime:
@@ -231,7 +228,9 @@ def _slim_run_view(run: SlimRun) -> RunView:
         run.corrupted,
         _utc_fast(run.last_request_time),
         None if last is None else _slim_checkpoint_view(last),
-        run.user_metadata or _NO_METADATA,
+        # A fresh {} (never a shared or read-only mapping: views are deep-copied by asdict);
+        # an empty dict is not tracked by the collector, so it costs next to nothing.
+        run.user_metadata or {},
     )
 
 

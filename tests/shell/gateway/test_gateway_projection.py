@@ -21,6 +21,7 @@ from tinker import types as wire
 
 from tinker_recovery.shell import gateway_base
 from tinker_recovery.shell.gateway import MalformedResponse
+from tinker_recovery.shell.poller import run_payload
 
 msgspec = pytest.importorskip("msgspec")
 
@@ -153,6 +154,16 @@ def test_a_body_the_sdk_refuses_is_refused_by_the_projection(body: bytes) -> Non
         gateway_base.parse_runs_page(body, use_projection=False)
     with pytest.raises(MalformedResponse, match="list_runs: malformed"):
         gateway_base.parse_runs_page(body)
+
+
+def test_projected_views_serialise_like_the_sdk_views_for_the_event_log() -> None:
+    # The poller stores each decided run with dataclasses.asdict: every view must survive it.
+    body = page(variants())
+    slim = gateway_base.parse_runs_page(body)
+    sdk = gateway_base.parse_runs_page(body, use_projection=False)
+    payloads = [run_payload(view) for view in slim.runs]
+    assert payloads == [run_payload(view) for view in sdk.runs]
+    assert json.loads(json.dumps(payloads)) == payloads
 
 
 def test_repeated_strings_are_shared_across_views() -> None:
