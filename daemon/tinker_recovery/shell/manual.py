@@ -99,9 +99,12 @@ async def _refuse(
     epoch: int | None,
     taken_by: str,
 ) -> None:
+    known = await store.lineage_for_run(request.run_id)
+    lineage_id = known.lineage_id if known is not None else None
     log.warning(
         "manual_recovery_refused",
         request_id=request.request_id,
+        lineage_id=lineage_id,
         run_id=request.run_id,
         reason=refusal,
     )
@@ -109,6 +112,7 @@ async def _refuse(
         at=now,
         kind="manual_recovery_refused",
         reason=refusal,
+        lineage_id=lineage_id,
         run_id=request.run_id,
         data={"request_id": request.request_id, "requested_by": request.requested_by},
     )

@@ -276,6 +276,7 @@ class Poller:
         if unknown:
             observations += await self._place_unknown(unknown, runs, self._known, now)
         holds = await self._store.holds()
+        self._metrics.set_fleet_paused(None in holds)
         self._fleet.forget_before(now - timedelta(seconds=self._horizon_s()))
         if self._breaker_hold_set and None not in holds:
             # An operator resumed the fleet after a hold-mode trip: close the breaker and forget

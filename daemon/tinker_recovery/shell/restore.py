@@ -25,6 +25,7 @@ import structlog
 import tinker
 from pydantic import SecretStr
 
+from tinker_recovery.core.model import TAG_IDEMPOTENCY_KEY, TAG_LINEAGE
 from tinker_recovery.errors import ActionFailed
 
 log = structlog.get_logger(__name__)
@@ -105,6 +106,8 @@ class SdkRestorer:
             ) from None
         log.info(
             "restore_finished",
+            lineage_id=user_metadata.get(TAG_LINEAGE),
+            attempt_id=user_metadata.get(TAG_IDEMPOTENCY_KEY),
             checkpoint=checkpoint_path,
             new_run_id=result.new_run_id,
             saved_path=result.saved_path,
