@@ -68,3 +68,28 @@ async def test_reload_applies_policy_and_reports_what_needs_a_restart(tmp_path: 
         await daemon.http_client.aclose()
         for closer in daemon.closers:
             await closer()
+
+
+async def test_a_reload_that_adds_a_handoff_is_used_by_the_next_attempt(tmp_path: Path) -> None:
+    """Issue 9, defect 7: a reload adding a handoff passed validation, but the executor kept
+    its start-up handoffs, so attempts under the new rule failed 'handoff not configured'."""
+    with EmulatorServer(EmulatorConfig(runs=2, seed=3)) as emulator:
+        daemon = await app.build(
+            settings_for(emulator.base_url, tmp_path),
+            env={"TINKER_API_KEY": "tml-in-process-test"},
+        )
+        fresh = Settings.model_validate(
+            {
+                **settings_for(emulator.base_url, tmp_path).model_dump(mode="json"),
+                "handoffs": {"restart": {"type": "command", "argv": ["true"]}},
+            }
+        )
+
+        app.apply_reload(daemon, fresh)
+
+        assert "restart" in daemon.executor.handoff_names()
+        await daemon.store.close()
+        assert daemon.http_client is not None
+        await daemon.http_client.aclose()
+        for closer in daemon.closers:
+            await closer()

@@ -94,6 +94,10 @@ class Executor:
         if handoffs is not None:
             self._handoffs = dict(handoffs)
 
+    def handoff_names(self) -> list[str]:
+        """The handoffs attempts can use now (for /status and tests)."""
+        return sorted(self._handoffs)
+
     def on_leadership(self, leading: bool) -> None:
         """Leadership lost: stop every attempt that has not reached its handoff, at once. Their
         rows are settled by whoever leads next (core.attempt.settle); a handoff already under way
