@@ -85,6 +85,16 @@ class ManualRequest:
     requested_by: str
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One pause: of a lineage, or of the whole fleet (`lineage_id` None), who, when and why."""
+
+    lineage_id: str | None
+    held_by: str
+    at: datetime
+    reason: str | None = None
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and apply pending migrations."""
@@ -132,6 +142,14 @@ class Store(Protocol):
         self, states: Sequence[LineageState] | None = None
     ) -> list[Lineage]: ...
 
+    async def cycle_lineages(self, run_ids: Sequence[str]) -> list[Lineage]:
+        """What one poll needs: every active lineage (not healthy, or still charged for
+        attempts) plus the lineages whose root or current run is in `run_ids` (the runs the
+        listing shows corrupted). A year of healthy history costs nothing here."""
+        ...
+
+    async def lineage_counts(self) -> dict[LineageState, int]: ...
+
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
         """Insert or update the attempt and append the event, in one transaction. Fenced on
@@ -154,6 +172,11 @@ class Store(Protocol):
     # events ---------------------------------------------------------------------------------
     async def append_event(self, event: Event) -> None: ...
 
+    async def compact(self, *, before: datetime, keep: int, epoch: int | None = None) -> int:
+        """Retention: delete events older than `before`, then all but the newest `keep`,
+        never those of a lineage still open. Returns how many were deleted. Fenced."""
+        ...
+
     async def events(
         self, *, lineage_id: str | None = None, run_id: str | None = None, limit: int = 100
     ) -> list[Event]:
@@ -161,9 +184,21 @@ class Store(Protocol):
         ...
 
     # operator -------------------------------------------------------------------------------
-    async def set_hold(self, lineage_id: str | None, held: bool, by: str, at: datetime) -> None:
+    async def set_hold(
+        self,
+        lineage_id: str | None,
+        held: bool,
+        by: str,
+        at: datetime,
+        reason: str | None = None,
+    ) -> None:
         """Pause (held=True) or resume one lineage, or the whole fleet when lineage_id is None.
-        Not fenced: operators may act from any replica or the CLI."""
+        `reason` is kept with a pause (why the operator held it). Not fenced: operators may act
+        from any replica or the CLI."""
+        ...
+
+    async def hold_details(self) -> list[Hold]:
+        """Every hold with who set it, when and why; the fleet-wide one (None) first."""
         ...
 
     async def holds(self) -> set[str | None]:

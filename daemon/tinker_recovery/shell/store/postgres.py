@@ -34,7 +34,7 @@ from tinker_recovery.shell.clock import Clock
 
 from . import codec
 from . import statements as q
-from .base import Event, Lease, ManualRequest, Transition
+from .base import Event, Hold, Lease, ManualRequest, Transition
 from .support import FenceState, load_migrations
 
 log = structlog.get_logger(__name__)
@@ -332,6 +332,20 @@ class PostgresStore:
             )
         return [codec.lineage_from_json(r[0]) for r in rows]
 
+    async def cycle_lineages(self, run_ids: Sequence[str]) -> list[Lineage]:
+        ids = list(dict.fromkeys(run_ids))
+        rows = await self._fetch(
+            "SELECT data FROM lineages WHERE active = 1"
+            " UNION SELECT data FROM lineages WHERE current_run_id = ANY(%(ids)s)"
+            " UNION SELECT data FROM lineages WHERE root_run_id = ANY(%(ids)s)",
+            {"ids": ids},
+        )
+        return [codec.lineage_from_json(r[0]) for r in rows]
+
+    async def lineage_counts(self) -> dict[LineageState, int]:
+        rows = await self._fetch(q.LINEAGE_COUNTS)
+        return {LineageState(r[0]): int(r[1]) for r in rows}
+
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
         await self.commit(Transition(attempt=attempt, events=(event,)), epoch=attempt.epoch)
@@ -366,6 +380,14 @@ class PostgresStore:
     async def append_event(self, event: Event) -> None:
         await self._write(None, {}, event=event)
 
+    async def compact(self, *, before: datetime, keep: int, epoch: int | None = None) -> int:
+        async with self._tx(fenced=True, epoch=epoch) as conn:
+            old = await conn.execute(q.for_postgres(q.DELETE_OLD_EVENTS), {"before": _ts(before)})
+            excess = await conn.execute(
+                q.for_postgres(q.DELETE_EXCESS_EVENTS), {"keep": max(keep, 0)}
+            )
+            return max(old.rowcount, 0) + max(excess.rowcount, 0)
+
     async def events(
         self, *, lineage_id: str | None = None, run_id: str | None = None, limit: int = 100
     ) -> list[Event]:
@@ -374,13 +396,24 @@ class PostgresStore:
         return q.events_from_rows(await self._fetch(query, params), _utc)
 
     # operator -------------------------------------------------------------------------------
-    async def set_hold(self, lineage_id: str | None, held: bool, by: str, at: datetime) -> None:
-        params = {"scope": lineage_id or "", "held_by": by, "at": _ts(at)}
+    async def set_hold(
+        self,
+        lineage_id: str | None,
+        held: bool,
+        by: str,
+        at: datetime,
+        reason: str | None = None,
+    ) -> None:
+        params = {"scope": lineage_id or "", "held_by": by, "at": _ts(at), "reason": reason}
         await self._write(_UPSERT_HOLD if held else _DELETE_HOLD, params, fenced=False)
 
     async def holds(self) -> set[str | None]:
         rows = await self._fetch(q.ALL_HOLDS)
         return {r[0] or None for r in rows}
+
+    async def hold_details(self) -> list[Hold]:
+        rows = await self._fetch(q.HOLD_DETAILS)
+        return [Hold(r[0] or None, r[1], _utc(r[2]), r[3]) for r in rows]
 
     async def request_recovery(
         self, run_id: str, checkpoint_path: str | None, by: str, at: datetime

@@ -31,7 +31,7 @@ from tinker_recovery.shell.clock import Clock
 
 from . import codec
 from . import statements as q
-from .base import Event, Lease, ManualRequest, Transition
+from .base import Event, Hold, Lease, ManualRequest, Transition
 from .support import FenceState, load_migrations
 
 log = structlog.get_logger(__name__)
@@ -327,6 +327,29 @@ class SqliteStore:
             )
         return [codec.lineage_from_json(r[0]) for r in rows]
 
+    async def cycle_lineages(self, run_ids: Sequence[str]) -> list[Lineage]:
+        ids = list(dict.fromkeys(run_ids))
+
+        def read(conn: sqlite3.Connection) -> list[Lineage]:
+            blobs: dict[str, str] = {}
+            rows = conn.execute("SELECT lineage_id, data FROM lineages WHERE active = 1")
+            blobs.update((r[0], r[1]) for r in rows)
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = (
+                    f"SELECT lineage_id, data FROM lineages WHERE current_run_id IN ({marks})"
+                    f" UNION SELECT lineage_id, data FROM lineages WHERE root_run_id IN ({marks})"
+                )
+                blobs.update((r[0], r[1]) for r in conn.execute(sql, [*chunk, *chunk]))
+            return [codec.lineage_from_json(blob) for blob in blobs.values()]
+
+        return await self._run(read)
+
+    async def lineage_counts(self) -> dict[LineageState, int]:
+        rows = await self._select(q.LINEAGE_COUNTS, {})
+        return {LineageState(r[0]): int(r[1]) for r in rows}
+
     # attempts -------------------------------------------------------------------------------
     async def save_attempt(self, attempt: Attempt, event: Event) -> None:
         await self.commit(Transition(attempt=attempt, events=(event,)), epoch=attempt.epoch)
@@ -366,6 +389,19 @@ class SqliteStore:
     async def append_event(self, event: Event) -> None:
         await self._write(None, {}, event=event)
 
+    async def compact(self, *, before: datetime, keep: int, epoch: int | None = None) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            with self._tx(conn, fenced=True, epoch=epoch):
+                old = conn.execute(q.DELETE_OLD_EVENTS, {"before": codec.dump_time(before)})
+                excess = conn.execute(q.DELETE_EXCESS_EVENTS, {"keep": max(keep, 0)})
+                deleted = old.rowcount + excess.rowcount
+            if deleted:
+                # Hand the freed pages back from the WAL; the file itself reuses them.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return int(deleted)
+
+        return await self._run(write)
+
     async def events(
         self, *, lineage_id: str | None = None, run_id: str | None = None, limit: int = 100
     ) -> list[Event]:
@@ -374,13 +410,25 @@ class SqliteStore:
         return q.events_from_rows(await self._select(sql, params), codec.load_time)
 
     # operator -------------------------------------------------------------------------------
-    async def set_hold(self, lineage_id: str | None, held: bool, by: str, at: datetime) -> None:
-        params = {"scope": lineage_id or "", "held_by": by, "at": codec.dump_time(at)}
+    async def set_hold(
+        self,
+        lineage_id: str | None,
+        held: bool,
+        by: str,
+        at: datetime,
+        reason: str | None = None,
+    ) -> None:
+        at_text = codec.dump_time(at)
+        params = {"scope": lineage_id or "", "held_by": by, "at": at_text, "reason": reason}
         await self._write(q.UPSERT_HOLD if held else q.DELETE_HOLD, params, fenced=False)
 
     async def holds(self) -> set[str | None]:
         rows = await self._select(q.ALL_HOLDS, {})
         return {r[0] or None for r in rows}
+
+    async def hold_details(self) -> list[Hold]:
+        rows = await self._select(q.HOLD_DETAILS, {})
+        return [Hold(r[0] or None, r[1], codec.load_time(r[2]), r[3]) for r in rows]
 
     async def request_recovery(
         self, run_id: str, checkpoint_path: str | None, by: str, at: datetime

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from tinker_recovery.core.model import Attempt, Lineage
+from tinker_recovery.core.model import Attempt, Lineage, LineageState
 from tinker_recovery.errors import StaleAttempt
 
 from . import codec
@@ -31,12 +31,29 @@ def for_postgres(statement: str) -> str:
 
 UPSERT_LINEAGE = """
 INSERT INTO lineages (lineage_id, root_run_id, current_run_id, state, first_seen_at,
-                      updated_at, data)
-VALUES (:lineage_id, :root_run_id, :current_run_id, :state, :first_seen_at, :updated_at, :data)
+                      updated_at, active, data)
+VALUES (:lineage_id, :root_run_id, :current_run_id, :state, :first_seen_at, :updated_at,
+        :active, :data)
 ON CONFLICT (lineage_id) DO UPDATE SET
     root_run_id = excluded.root_run_id, current_run_id = excluded.current_run_id,
     state = excluded.state, first_seen_at = excluded.first_seen_at,
-    updated_at = excluded.updated_at, data = excluded.data
+    updated_at = excluded.updated_at, active = excluded.active, data = excluded.data
+"""
+
+ACTIVE_LINEAGES = "SELECT data FROM lineages WHERE active = 1"
+LINEAGE_COUNTS = "SELECT state, COUNT(*) FROM lineages GROUP BY state"
+
+# Retention: never an event of a lineage that is still open (active, or with an attempt in
+# flight), nor one without a lineage newer than the cut.
+_OPEN = """
+    lineage_id IS NOT NULL AND (
+        lineage_id IN (SELECT lineage_id FROM lineages WHERE active = 1)
+        OR lineage_id IN (SELECT lineage_id FROM attempts WHERE outcome IS NULL))
+"""
+DELETE_OLD_EVENTS = f"DELETE FROM events WHERE at < :before AND NOT ({_OPEN})"
+DELETE_EXCESS_EVENTS = f"""
+DELETE FROM events WHERE seq <= (SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET :keep)
+AND NOT ({_OPEN})
 """
 
 GET_LINEAGE = "SELECT data FROM lineages WHERE lineage_id = :lineage_id"
@@ -87,11 +104,13 @@ VALUES (:at, :kind, :reason, :lineage_id, :attempt_id, :run_id, :data)
 """
 
 UPSERT_HOLD = """
-INSERT INTO holds (scope, held_by, at) VALUES (:scope, :held_by, :at)
-ON CONFLICT (scope) DO UPDATE SET held_by = excluded.held_by, at = excluded.at
+INSERT INTO holds (scope, held_by, at, reason) VALUES (:scope, :held_by, :at, :reason)
+ON CONFLICT (scope) DO UPDATE SET held_by = excluded.held_by, at = excluded.at,
+    reason = excluded.reason
 """
 DELETE_HOLD = "DELETE FROM holds WHERE scope = :scope"
 ALL_HOLDS = "SELECT scope FROM holds"
+HOLD_DETAILS = "SELECT scope, held_by, at, reason FROM holds ORDER BY scope"
 
 INSERT_MANUAL_REQUEST = """
 INSERT INTO manual_requests (run_id, checkpoint_path, requested_at, requested_by)
@@ -130,6 +149,11 @@ def select_events(*, lineage_id: str | None, run_id: str | None) -> str:
     return f"SELECT {_EVENT_COLUMNS} FROM events{where} ORDER BY seq DESC LIMIT :limit"
 
 
+def is_active(lineage: Lineage) -> bool:
+    """Needs the poller's attention every cycle even while its run reads healthy."""
+    return lineage.state is not LineageState.HEALTHY or bool(lineage.attempt_starts)
+
+
 def lineage_params(lineage: Lineage, ts: ToDb) -> dict[str, Any]:
     return {
         "lineage_id": lineage.lineage_id,
@@ -138,6 +162,7 @@ def lineage_params(lineage: Lineage, ts: ToDb) -> dict[str, Any]:
         "state": lineage.state.value,
         "first_seen_at": ts(lineage.first_seen_at),
         "updated_at": ts(lineage.updated_at),
+        "active": 1 if is_active(lineage) else 0,
         "data": codec.lineage_to_json(lineage),
     }
 
