@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import ExitStack
-from datetime import timedelta
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
+import psycopg
 import pytest
 
-from store.store_helpers import EPOCH, FakeClock, pg_schema
+from tinker_recovery.shell.clock import SystemClock
 from tinker_recovery.shell.store import open_store
 from tinker_recovery.shell.store.base import Hold, Store
+
+EPOCH = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+PG_URL = os.environ.get("TINKER_RECOVERY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A throwaway schema on the test server (skipped without one, unless CI requires it)."""
+    name = f"t_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("TINKER_RECOVERY_REQUIRE_POSTGRES"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE SCHEMA "{name}"')
+        try:
+            sep = "&" if "?" in PG_URL else "?"
+            yield f"{PG_URL}{sep}options={quote(f'-csearch_path={name}')}"
+        finally:
+            admin.execute(f'DROP SCHEMA "{name}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -21,7 +47,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             url = stack.enter_context(pg_schema())
         else:
             url = f"sqlite:///{tmp_path / 'state.db'}"
-        made = open_store(url, clock=FakeClock(), state_directory=None)
+        made = open_store(url, clock=SystemClock(), state_directory=None)
         await made.open()
         try:
             yield made
