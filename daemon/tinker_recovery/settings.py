@@ -147,6 +147,39 @@ class CheckpointSettings(_Group):
     )
 
 
+MIN_CHECKPOINT_TTL_S = 3600.0  # the service refuses a checkpoint ttl_seconds below this
+
+
+class GuardSettings(_Group):
+    """Checkpoint guard: keep a driven run's newest training checkpoint from expiring."""
+
+    enabled: bool = Field(True, description="guard runs this rule recovers (recover rules only)")
+    min_remaining: PositiveDuration = Field(
+        2 * 86400.0, description="extend a checkpoint once it would expire within this"
+    )
+    extend_to: PositiveDuration = Field(
+        7 * 86400.0,
+        description="the new TTL, from now (at least 1h, the service's minimum, and longer "
+        "than min_remaining; a longer TTL is never shortened)",
+    )
+    max_per_cycle: int = Field(
+        20, ge=1, description="TTL calls per poll cycle for this rule; the rest wait a cycle"
+    )
+    driven_within: PositiveDuration | None = Field(
+        None,
+        description="a run that sent a request within this is driven (null: the rule's "
+        "max_idle, or 1d when that is null)",
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GuardSettings:
+        if self.extend_to < MIN_CHECKPOINT_TTL_S:
+            raise ValueError("extend_to must be at least 1h (the service refuses shorter TTLs)")
+        if self.extend_to <= self.min_remaining:
+            raise ValueError("extend_to must be longer than min_remaining")
+        return self
+
+
 class Rule(_Group):
     name: str = Field(description="shown in decisions, logs and /status")
     match: Match = Field(default_factory=Match)
@@ -180,6 +213,15 @@ class Rule(_Group):
         30.0,
         description="after a failed handoff, watch this long for a successor it may have "
         "started anyway before failing the attempt (0: fail at once)",
+    )
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    stall_after: PositiveDuration | None = Field(
+        None,
+        description="report the run stalled when it sends no request for this long and has "
+        "no final checkpoint (null: never)",
+    )
+    on_stall: Literal["alert", "recover"] = Field(
+        "alert", description="alert: report only; recover: also offer it to the policy"
     )
 
 

@@ -59,6 +59,12 @@ ApiEndpoint = Literal[
 ]
 API_ENDPOINTS: Final[tuple[str, ...]] = get_args(ApiEndpoint)
 
+# What the checkpoint guard did with a checkpoint that needed an extension this cycle.
+GuardOutcome = Literal["extended", "failed", "dry_run", "held", "deferred"]
+GUARD_OUTCOMES: Final[tuple[str, ...]] = get_args(GuardOutcome)
+# The `quantile` label of work_at_risk_seconds (1 is the maximum); see core/guard.QUANTILES.
+WORK_AT_RISK_QUANTILES: Final[tuple[str, ...]] = ("0.5", "0.9", "0.99", "1")
+
 ReloadOutcome = Literal["success", "failure"]
 RELOAD_OUTCOMES: Final[tuple[str, ...]] = get_args(ReloadOutcome)
 
@@ -233,7 +239,48 @@ class Metrics:
             namespace=PREFIX,
             registry=reg,
         )
+        self.work_at_risk = Gauge(
+            "work_at_risk_seconds",
+            "Work at risk over driven runs as of the last cycle (last request minus the newest "
+            "usable checkpoint), by quantile; quantile 1 is the worst run.",
+            ["quantile"],
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.driven_runs = Gauge(
+            "driven_runs",
+            "Runs a recover rule matches that sent a request within the rule's driven window.",
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.runs_without_usable_checkpoint = Gauge(
+            "runs_without_usable_checkpoint",
+            "Driven runs whose listing shows no usable training checkpoint.",
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.checkpoint_guard = Counter(
+            "checkpoint_guard",
+            "Checkpoints the guard found expiring within min_remaining, by what it did.",
+            ["outcome"],
+            namespace=PREFIX,
+            registry=reg,
+        )
+        self.lineages_stalled = Gauge(
+            "lineages_stalled",
+            "Runs (recovered lineages or rule-selected runs) quiet for stall_after without a "
+            "final checkpoint.",
+            namespace=PREFIX,
+            registry=reg,
+        )
         self._precreate()
+        self._precreate_guard()
+
+    def _precreate_guard(self) -> None:
+        for guard_outcome in GUARD_OUTCOMES:
+            self.checkpoint_guard.labels(outcome=guard_outcome)
+        for quantile in WORK_AT_RISK_QUANTILES:
+            self.work_at_risk.labels(quantile=quantile)
 
     def _precreate(self) -> None:
         # Touch every known label value so the series are exported at 0 from the start.
