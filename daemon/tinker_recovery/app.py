@@ -32,6 +32,7 @@ from tinker_recovery.shell import config_loader, handoff, http, procs, sdnotify,
 from tinker_recovery.shell.clock import Clock, SystemClock
 from tinker_recovery.shell.executor import Executor
 from tinker_recovery.shell.gateway import TinkerGateway
+from tinker_recovery.shell.guard import CheckpointGuard
 from tinker_recovery.shell.poller import Poller
 from tinker_recovery.shell.restore import SdkRestorer
 from tinker_recovery.shell.store import open_store
@@ -62,6 +63,8 @@ class Daemon:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Builds the handoff actions for a reloaded config (None: handoffs cannot be reloaded).
     handoff_builder: Callable[[Settings], Mapping[str, handoff.HandoffAction]] | None = None
+    # Checkpoint guard, work at risk and stalls (the poller runs it; /status reads it).
+    checkpoint_guard: CheckpointGuard | None = None
 
 
 def _daemon_registry() -> CollectorRegistry:
@@ -154,6 +157,12 @@ async def build(
         ),
     )
     health = http.Health(poll_interval_s=settings.poll.interval)
+    checkpoint_guard = CheckpointGuard(
+        gateway=gateway,
+        store=store,
+        metrics=metrics,
+        call_timeout_s=settings.tinker.request_timeout * settings.tinker.retry_attempts,
+    )
     poller = Poller(
         source=gateway,
         store=store,
@@ -165,6 +174,8 @@ async def build(
         health=health,
         is_leader=lambda: guard.is_leader,
         lease_epoch=lambda: guard.epoch,
+        retention=settings.state,
+        guard=checkpoint_guard,
     )
     return Daemon(
         settings=settings,
@@ -180,6 +191,7 @@ async def build(
         config_path=config_path,
         handoff_builder=build_actions,
         closers=[webhook_http.aclose],
+        checkpoint_guard=checkpoint_guard,
     )
 
 
@@ -358,6 +370,7 @@ async def _reloader(daemon: Daemon, stop: asyncio.Event, requested: asyncio.Even
 def apply_reload(daemon: Daemon, fresh: Settings) -> None:
     old = daemon.settings
     daemon.poller.configure(policy=fresh.policy, poll=fresh.poll)
+    daemon.poller.retention = fresh.state
     handoffs = None
     if fresh.handoffs != old.handoffs and daemon.handoff_builder is not None:
         handoffs = daemon.handoff_builder(fresh)
@@ -415,4 +428,6 @@ async def status_document(daemon: Daemon) -> dict[str, Any]:
             if lineage.state is not LineageState.HEALTHY or lineage.attempts_total
         ],
         "in_flight": daemon.executor.snapshot(),
+        # Worst driven runs by work at risk, and stalled ones (from the last cycle).
+        "guard": None if daemon.checkpoint_guard is None else daemon.checkpoint_guard.status(),
     }

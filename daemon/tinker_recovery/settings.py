@@ -117,6 +117,18 @@ class StateSettings(_Group):
     )
     lease_renew_interval: PositiveDuration = Field(5.0, description="how often the leader renews")
     replica_id: str | None = Field(None, description="this replica's name; default host:pid")
+    events_max_age: PositiveDuration = Field(
+        180 * 86400.0,
+        description="events older than this are deleted, except those of lineages still open",
+    )
+    events_max_rows: int = Field(
+        2_000_000,
+        ge=1000,
+        description="at most this many events are kept (oldest first go; open lineages' stay)",
+    )
+    compact_interval: PositiveDuration = Field(
+        3600.0, description="how often the leader applies the event retention"
+    )
 
 
 class Match(_Group):

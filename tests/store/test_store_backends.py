@@ -489,3 +489,26 @@ async def test_a_transition_writes_all_of_it_or_nothing(store: Store) -> None:
     assert lineage.state is LineageState.RECOVERING
     assert [a.attempt_id for a in await store.unfinished_attempts()] == ["att-2"]
     assert [e.reason for e in await store.events()][-2:] == ["decided", "created"]
+
+
+async def test_retention_deletes_old_and_excess_events_but_keeps_open_lineages(
+    store: Store,
+) -> None:
+    """Issue 12: history is bounded in age and rows; an open lineage's events stay."""
+    old_at, new_at = EPOCH, EPOCH + timedelta(days=200)
+    closed = make_lineage("closed", state=LineageState.HEALTHY)
+    open_ = make_lineage("open", state=LineageState.WAITING)
+    await store.save_lineage(closed, make_event(lineage_id="closed", at=old_at, reason="c-old"))
+    await store.save_lineage(open_, make_event(lineage_id="open", at=old_at, reason="o-old"))
+    for i in range(5):
+        await store.append_event(make_event(lineage_id="closed", at=new_at, reason=f"c-new-{i}"))
+
+    deleted = await store.compact(before=new_at - timedelta(days=1), keep=3)
+
+    reasons = [e.reason for e in await store.events(limit=100)]
+    assert "c-old" not in reasons  # too old, and its lineage is closed
+    assert "o-old" in reasons  # too old, but the lineage is open
+    # The newest 3 rows stay; older ones of closed lineages go (the open one's stays anyway).
+    assert [r for r in reasons if r.startswith("c-new")] == ["c-new-2", "c-new-3", "c-new-4"]
+    assert deleted == 3
+    assert await store.compact(before=new_at - timedelta(days=1), keep=3) == 0

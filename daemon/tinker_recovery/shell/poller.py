@@ -36,9 +36,10 @@ from tinker_recovery.errors import (
     StoreUnavailable,
 )
 from tinker_recovery.obs.metrics import Metrics
-from tinker_recovery.settings import PolicySettings, PollSettings
+from tinker_recovery.settings import PolicySettings, PollSettings, StateSettings
 from tinker_recovery.shell import manual
 from tinker_recovery.shell.clock import Clock
+from tinker_recovery.shell.guard import CheckpointGuard
 from tinker_recovery.shell.store.base import Event, Store
 
 log = structlog.get_logger(__name__)
@@ -137,8 +138,11 @@ class Poller:
         health: PollHealth,
         is_leader: Callable[[], bool],
         lease_epoch: Callable[[], int | None] = lambda: None,
+        retention: StateSettings | None = None,
         rand: Callable[[], float] = random.random,
+        guard: CheckpointGuard | None = None,
     ) -> None:
+        self._guard = guard  # checkpoint guard, work at risk, stalls: once per good cycle
         self._source = source
         self._store = store
         self._executor = executor
@@ -149,6 +153,8 @@ class Poller:
         self._health = health
         self._is_leader = is_leader
         self._lease_epoch = lease_epoch
+        self.retention = retention
+        self._next_compact_s = 0.0  # monotonic; the first cycle as leader applies retention
         self._epoch: int | None = None  # the lease epoch this cycle acts under
         self._rand = rand
         self._fleet = FleetMemory()
@@ -156,6 +162,7 @@ class Poller:
         self._watch_started_at: datetime | None = None
         self._breaker_hold_set = False
         self._known: dict[str, Lineage] = {}  # lineages as read at the start of this cycle
+        self._counts: dict[LineageState, int] = {}  # all lineages by state, this cycle
         self.last_cycle: dict[str, Any] = {}
         self.wake = asyncio.Event()  # set to run the next cycle now (operator actions)
 
@@ -245,6 +252,8 @@ class Poller:
             self._reconciled = True
         await self._executor.observe(runs, now)
         await self._executor.sweep(runs, epoch=self._epoch)
+        if self._guard is not None:
+            await self._guard.run_cycle(runs, now, policy)
         decisions = await self._decide(runs, now, policy)
         started = await self._act(decisions, runs, now, tg, policy)
         started += await manual.take(
@@ -257,6 +266,7 @@ class Poller:
             epoch=self._epoch,
             on_start=lambda: self._fleet.starts.append(now),
         )
+        await self._compact(now)
         self._health.mark_store(True)
         self.last_cycle = {
             "at": now.isoformat(),
@@ -267,11 +277,29 @@ class Poller:
         }
         log.debug("poll_cycle", **self.last_cycle)
 
+    async def _compact(self, now: datetime) -> None:
+        """Event retention, every `compact_interval`: history stays bounded in age and rows,
+        and what open lineages need is kept (see Store.compact)."""
+        retention = self.retention
+        if retention is None or self._clock.monotonic() < self._next_compact_s:
+            return
+        self._next_compact_s = self._clock.monotonic() + retention.compact_interval
+        deleted = await self._store.compact(
+            before=now - timedelta(seconds=retention.events_max_age),
+            keep=retention.events_max_rows,
+            epoch=self._epoch,
+        )
+        if deleted:
+            log.info("events_compacted", deleted=deleted)
+
     async def _decide(
         self, runs: Sequence[RunView], now: datetime, policy: PolicySettings
     ) -> list[Decision]:
-        lineages = await self._store.list_lineages()
+        # Only what this cycle needs: lineages that are active, and those of corrupted runs. A
+        # year of healthy history is neither read nor decoded.
+        lineages = await self._store.cycle_lineages([r.run_id for r in runs if r.corrupted])
         self._known = {lineage.lineage_id: lineage for lineage in lineages}
+        self._counts = await self._store.lineage_counts()
         observations, unknown = self._observations(runs, lineages)
         if unknown:
             observations += await self._place_unknown(unknown, runs, self._known, now)
@@ -367,11 +395,14 @@ class Poller:
                 )
                 run = core_lineage.without_our_tags(run)
                 tag = None
-            if tag is not None and tag in lineages:
+            if tag is not None and (
+                tag in lineages or await self._store.get_lineage(tag) is not None
+            ):
                 continue  # an earlier run of a lineage that has a newer current run
             chain = core_lineage.successor_chain(run, successors)
             if chain:
-                if chain[-1].run_id not in current:
+                last = chain[-1].run_id
+                if last not in current and await self._store.lineage_for_run(last) is None:
                     await self._rebuild(run, chain, now)
                 continue
             observations.append(core_policy.Observation(run=run, lineage=None))
@@ -434,6 +465,7 @@ class Poller:
                 )
                 if attempt is None:
                     continue  # not started, nothing written: decided again next cycle
+                self._log_decision(decision)
                 self._fleet.starts.append(now)
                 started += 1
             elif previous == decision.lineage:
@@ -477,6 +509,10 @@ class Poller:
         # the cycle cannot be overwritten by the copy the policy saw.
         event = self._decision_event(decision, previous, run)
         await self._store.save_lineage(decision.lineage, event, epoch=self._epoch)
+        self._log_decision(decision)
+
+    @staticmethod
+    def _log_decision(decision: Decision) -> None:
         log.info(
             "lineage_transition",
             lineage_id=decision.lineage.lineage_id,
@@ -488,10 +524,15 @@ class Poller:
 
     def _export_lineage_gauge(self, decisions: Sequence[Decision]) -> None:
         """Lineages by state as of this cycle's decisions (the executor's own transitions show
-        from the next cycle on), without reading the store again."""
-        latest = dict(self._known)
-        latest.update((d.lineage.lineage_id, d.lineage) for d in decisions)
-        counts = Counter(lineage.state for lineage in latest.values())
+        from the next cycle on): the store's counts, moved by what this cycle decided."""
+        counts = Counter(self._counts)
+        for decision in decisions:
+            before = self._known.get(decision.lineage.lineage_id)
+            if before == decision.lineage:
+                continue
+            if before is not None:
+                counts[before.state] -= 1
+            counts[decision.lineage.state] += 1
         for state in LineageState:
             self._metrics.lineages.labels(state=state.value).set(counts.get(state, 0))
 
