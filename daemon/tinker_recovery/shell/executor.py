@@ -210,6 +210,7 @@ class Executor:
                 lineage=(before, lineage),
                 extra=() if decision is None else (decision,),
                 taken_request=taken_request,
+                log_lineage=decision is None,  # the decider logs its own decision
             )
         except BaseException:
             del self._ledger.tracked[lineage.lineage_id]

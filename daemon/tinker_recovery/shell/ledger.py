@@ -188,6 +188,7 @@ class Ledger:
         lineage: tuple[Lineage | None, Lineage] | None = None,
         extra: Sequence[Event] = (),
         taken_request: TakenRequest | None = None,
+        log_lineage: bool = True,
         **changes: Any,
     ) -> None:
         """Write the step (row + event) before the caller takes it, in ONE transaction with
@@ -219,7 +220,7 @@ class Ledger:
             step=step.value,
             reason=reason,
         )
-        if after is not None:
+        if after is not None and log_lineage:
             _log_transition(after, attempt)
 
     async def finish(
