@@ -533,8 +533,15 @@ def unloadable(workdir: Path, restore: str) -> Figures:
         assert successor.loaded_from == final.handed_off_path
         assert (successor.user_metadata or {}).get(TAG_IDEMPOTENCY_KEY) == final.attempt_id
         if restore == "sdk":
-            assert final.handed_off_path != older["state_path"]  # the daemon's proven copy
-            assert run_id_of(str(final.handed_off_path)) != run_id
+            # One handoff, of the daemon's one proven copy of the older checkpoint; exec's
+            # record in checkpoints.jsonl points the cookbook at it with the older loop state.
+            assert len(attempts) == 1
+            copy = str(final.handed_off_path)
+            assert copy.endswith(older["name"] + "-recovery-1")
+            assert run_id_of(copy) != run_id
+            [resume_record] = [x for x in read_records(job.log_path) if x["state_path"] == copy]
+            assert resume_record["batch"] == older["batch"]
+            assert resume_record["tinker_recovery"]["resumed_from"] == older["state_path"]
         daemon.wait_polls(3)
         assert len(r.attempts(run_id)) == len(attempts)
         handed = [x for x in attempts if x.handed_off_path is not None]
