@@ -47,6 +47,12 @@ CONTRACT: dict[str, MetricType] = {
     "tinker_recovery_config_reloads": "counter",
     "tinker_recovery_config_last_reload_successful": "gauge",
     "tinker_recovery_config_last_reload_success_timestamp_seconds": "gauge",
+    # issue 13: keeping every active run recoverable
+    "tinker_recovery_work_at_risk_seconds": "gauge",
+    "tinker_recovery_driven_runs": "gauge",
+    "tinker_recovery_runs_without_usable_checkpoint": "gauge",
+    "tinker_recovery_checkpoint_guard": "counter",
+    "tinker_recovery_lineages_stalled": "gauge",
 }
 
 _SUFFIXES: dict[MetricType, tuple[str, ...]] = {

@@ -66,11 +66,11 @@ def test_contract_matches_the_daemons_metrics_class() -> None:
 # Closed label sets the rules and panels may filter on, straight from the daemon's enums.
 def _closed_labels() -> dict[str, set[str]]:
     from tinker_recovery.core.model import AttemptOutcome, DecisionKind, LineageState
-    from tinker_recovery.obs.metrics import POLL_ERROR_REASONS
+    from tinker_recovery.obs.metrics import GUARD_OUTCOMES, POLL_ERROR_REASONS
 
     return {
         "state": {s.value for s in LineageState},
-        "outcome": {o.value for o in AttemptOutcome},
+        "outcome": {o.value for o in AttemptOutcome} | set(GUARD_OUTCOMES),
         "decision": {d.value for d in DecisionKind},
         "reason": set(POLL_ERROR_REASONS),
     }
