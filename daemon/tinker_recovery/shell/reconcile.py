@@ -205,7 +205,30 @@ class Reconciler:
             suspect = BadCheckpoint(
                 path, f"suspect: the job resumed from it and {reason.split('; ')[-1]}", now
             )
+        elif path is not None and await self._failed_from_before(tracked, path):
+            # No successor to judge (the job died before it made a run, or the handoff said
+            # it failed): once is not proof, but twice in a row from the same checkpoint is a
+            # crash loop. Fall back to an older one next time (with `restore: none` too).
+            suspect = BadCheckpoint(
+                path, f"suspect: two attempts in a row handed it off and failed ({reason})", now
+            )
         await self._ledger.finish(tracked, AttemptOutcome.FAILED, reason, now=now, suspect=suspect)
+
+    async def _failed_from_before(self, tracked: Tracked, path: str) -> bool:
+        """Did the lineage's previous attempt hand off the same checkpoint and fail?"""
+        earlier = [
+            a
+            for a in await self._store.attempts(tracked.attempt.lineage_id)
+            if a.number < tracked.attempt.number and a.outcome is not None
+        ]
+        if not earlier:
+            return False
+        last = max(earlier, key=lambda a: a.number)
+        return (
+            last.outcome is AttemptOutcome.FAILED
+            and last.checkpoint_path == path
+            and last.handed_off_path is not None
+        )
 
     def _present(self, tracked: Tracked, successor: RunView | None) -> list[str]:
         present = sorted(tracked.match_candidates & self._ledger.seen_runs)

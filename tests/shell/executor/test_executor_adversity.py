@@ -468,3 +468,43 @@ async def test_restore_sdk_reuses_the_proven_copy_of_a_checkpoint(world: World) 
     assert world.restorer.calls == []
     (request,) = world.handoff.requests
     assert (request.checkpoint_path, request.source_checkpoint_path) == (copy, source)
+
+
+async def test_two_failed_handoffs_from_one_checkpoint_make_it_suspect(world: World) -> None:
+    """Issue 10 item 4, with `restore: none`: a job that dies on an unloadable checkpoint before
+    it makes a run leaves no successor to judge; the second failure in a row from the same
+    checkpoint marks it suspect, so the next attempt falls back to an older one."""
+    newest, older = ckpt("030", age_s=600), ckpt("020", age_s=1200)
+    world.gateway.checkpoints[RUN_ID] = [older, newest]
+    world.handoff.starts_job = False  # the job dies before it creates its run
+    await earlier_attempt(
+        world, checkpoint_path=newest.tinker_path, handed_off_path=newest.tinker_path
+    )
+    current = await seed(world, lineage(attempts_total=2, attempt_starts=(T0, T0)))
+    second = await run_attempt(world, current, corrupted_run(), rule(confirm_deadline=60.0))
+    assert world.handoff.requests[-1].checkpoint_path == newest.tinker_path
+    world.clock.advance(61)
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
+
+    assert (await stored(world, second)).outcome is AttemptOutcome.FAILED
+    assert await world.store.bad_checkpoints([newest.tinker_path]) == {newest.tinker_path}
+    after = await world.store.get_lineage(LINEAGE_ID)
+    assert after is not None
+    third = await run_attempt(
+        world,
+        replace(after, state=LineageState.RECOVERING, attempts_total=3),
+        corrupted_run(),
+        rule(),
+    )
+    assert (await stored(world, third)).checkpoint_path == older.tinker_path
+
+
+async def test_one_failed_handoff_does_not_condemn_its_checkpoint(world: World) -> None:
+    world.handoff.starts_job = False
+    current = await seed(world)
+    attempt = await run_attempt(world, current, corrupted_run(), rule(confirm_deadline=60.0))
+    world.clock.advance(61)
+    await world.executor.observe(world.fleet.listing(), world.clock.now())
+    done = await stored(world, attempt)
+    assert done.outcome is AttemptOutcome.FAILED
+    assert await world.store.bad_checkpoints([done.checkpoint_path or ""]) == set()
