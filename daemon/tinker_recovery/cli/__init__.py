@@ -130,6 +130,14 @@ def _load(config: Path | None) -> Settings:
     return config_loader.load_settings(config)
 
 
+def _quiet_logs() -> None:
+    """Commands that are not the daemon keep stdout for their answer: library and store log
+    lines (a migration applied, a retried request) go to stderr, warnings and worse only."""
+    from tinker_recovery.obs import logs
+
+    logs.configure("console", "warning", sys.stderr, journal=False)
+
+
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -144,6 +152,7 @@ async def _on_store(
     from tinker_recovery import operator
     from tinker_recovery.shell.clock import SystemClock
 
+    _quiet_logs()
     settings = _load(config)
     url = state or settings.state.url
     store = await operator.open_existing(url, SystemClock(), os.environ.get("STATE_DIRECTORY"))
@@ -261,6 +270,7 @@ def doctor(config: Path, timeout: float, output: str, as_json: bool, wide: bool)
     from tinker_recovery import doctor as doctor_checks
 
     mode = _output(output, as_json, wide)
+    _quiet_logs()
     report = asyncio.run(doctor_checks.diagnose(config, timeout_s=timeout))
     if mode == "json":
         _emit_json(report.as_dict())
