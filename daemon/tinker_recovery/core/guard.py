@@ -151,12 +151,22 @@ Matched = Sequence[tuple[RunView, Rule]]
 
 def match_all(runs: Sequence[RunView], rules: Sequence[Rule]) -> list[tuple[RunView, Rule]]:
     """Each run with the rule it falls under (first match wins); unmatched runs are left out."""
+    # Same answer as core_rules.match_rule, with a shortcut for a match-everything rule: at
+    # 10k runs per cycle the glob calls were most of the guard's CPU time.
+    catch_all = [_matches_everything(rule) for rule in rules]
     matched: list[tuple[RunView, Rule]] = []
     for run in runs:
-        rule = core_rules.match_rule(run, rules)
-        if rule is not None:
-            matched.append((run, rule))
+        for rule, everything in zip(rules, catch_all, strict=True):
+            if everything or core_rules.matches(run, rule.match):
+                matched.append((run, rule))
+                break
     return matched
+
+
+def _matches_everything(rule: Rule) -> bool:
+    m = rule.match
+    fields = (m.run_id, m.base_model, m.is_lora, m.owner)
+    return all(f is None for f in fields) and not m.labels
 
 
 def lookups(matched: Matched, now: datetime) -> list[str]:
@@ -193,12 +203,18 @@ def plan(
     risks: list[Risk] = []
     stalls: list[Stall] = []
     by_name: dict[str, Rule] = {}
+    driven_since: dict[str, datetime] = {}  # per rule: requests after this mean driven
     for run, rule in matched:
-        by_name[rule.name] = rule
-        stall = stall_of(run, rule, now, successor=is_successor(run, successors))
-        if stall is not None:
-            stalls.append(stall)
-        if rule.action != "recover" or not is_driven(run, rule, now):
+        if rule.name not in by_name:
+            by_name[rule.name] = rule
+            driven_since[rule.name] = now - timedelta(seconds=driven_within_s(rule))
+        if rule.stall_after is not None:
+            stall = stall_of(run, rule, now, successor=is_successor(run, successors))
+            if stall is not None:
+                stalls.append(stall)
+        if rule.action != "recover" or run.corrupted:
+            continue
+        if run.last_request_time < driven_since[rule.name]:
             continue
         risks.append(work_at_risk(run, rule, now))
         extension = needed_extension(run, rule, now) if rule.guard.enabled else None
