@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
     parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
+    parser.add_argument("--keep", type=Path, default=None, help="work under DIR and keep it")
     args = parser.parse_args(argv)
     names = args.only or list(SCENARIOS)
     rows: list[dict[str, object]] = []
     failed = False
-    with tempfile.TemporaryDirectory(prefix="cookbook-scenarios-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cookbook-scenarios-") as scratch:
+        tmp = args.keep or Path(scratch)
         for name in names:
             began = time.monotonic()
             try:
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 failed = True
+                traceback.print_exc()
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 row = {"scenario": name, "outcome": f"FAILED: {first[:160]}"}
             row["wall_s"] = round(time.monotonic() - began, 1)

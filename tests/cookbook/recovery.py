@@ -351,10 +351,15 @@ def outcomes(attempts: list[Attempt]) -> str:
 
 def through_exec(workdir: Path) -> Figures:
     """(i) The job runs under `tinker-recovery exec --log-path`: its last checkpoints.jsonl
-    line is a rolling save (2 h TTL) that the rule's `min_ttl: 3h` skips, so the daemon picks
-    the periodic save before it and the resumed job must start from that one's batch."""
+    line is a rolling save (2 h TTL) that the rule's `min_ttl: 3h` skips (checkpoint guard
+    off), so the daemon picks the periodic save before it and the resumed job must start from
+    that one's batch, not from its last line."""
     with rig(workdir) as r:
-        daemon = r.start_daemon(checkpoint={"min_ttl": "3h", "protect_ttl": "1d"})
+        # The checkpoint guard would extend the rolling save's TTL (it guards a driven run's
+        # newest checkpoint), which makes it the daemon's choice too: off here.
+        daemon = r.start_daemon(
+            checkpoint={"min_ttl": "3h", "protect_ttl": "1d"}, guard={"enabled": False}
+        )
         job = r.add_job(
             "sft", through_exec=True, save_every=4, rolling_save_every=2, hold_at_batch=9
         )
@@ -525,7 +530,11 @@ def unloadable(workdir: Path, restore: str) -> Figures:
             "an attempt to succeed",
         )
         final = attempts[-1]
-        assert final.outcome is AttemptOutcome.SUCCEEDED, (attempts, daemon.tail())
+        handed_names = [str(x.handed_off_path).rsplit("/", 1)[-1] for x in attempts]
+        assert final.outcome is AttemptOutcome.SUCCEEDED, (
+            f"attempts {outcomes(attempts)}, handed off {handed_names}; last reason: "
+            f"{final.reason}\n{daemon.tail()}"
+        )
         assert final.checkpoint_path == older["state_path"]
         resumed = first_batch_after(job.output, restart_offset(r, job, final.number))
         assert resumed["batch"] == older["batch"]
