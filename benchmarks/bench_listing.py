@@ -194,6 +194,15 @@ async def serve(n: int, port_file: str) -> None:
         await server.serve_forever()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not ru_maxrss: Linux carries that across fork+exec, so a child
+    would report its parent's peak (here, the whole fleet the parent built)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def gc_tune() -> None:
     gc.collect()
     gc.freeze()
@@ -239,7 +248,7 @@ async def client(port: int, n: int, cycles: int, parser: str, transport: str, tu
         assert len(runs) == n
         kept = runs
     del kept
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the floor's
+    peak_mb = peak_rss_mb()  # before the floor's own allocations
     # The floor on the same pages, in this process: json.loads of every page body.
     bodies = []
     for offset in range(0, n, PAGE):
