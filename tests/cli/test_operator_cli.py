@@ -432,3 +432,20 @@ def test_an_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str])
     code, _, err = run_cli(capsys, "stauts")
     assert code == 2
     assert "No such command" in err
+
+
+def test_long_ids_on_a_narrow_terminal_are_never_cut_nor_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    made = f"sqlite:///{tmp_path / 'state.db'}"
+    run_id = "87751d4c-a850-4e2c-84dc-da6a797d76de:train:0"
+    spent = lineage(run_id, run_id, LineageState.EXHAUSTED, reason=LONG_REASON)
+    on_store(made, lambda s: s.save_lineage(spent, _ev(run_id)))
+
+    _, out, _ = run_cli(capsys, "status", "--state", made)
+
+    (row,) = [line for line in out.splitlines() if line.startswith(run_id)]
+    assert row.split()[:4] == [run_id, "exhausted", "0", run_id]
+    assert "REASON" in out
+    assert words(LONG_REASON) in words(out.partition("REASON")[2])

@@ -18,6 +18,9 @@ from rich.text import Text
 Output = Literal["table", "wide", "json"]
 # Wide output never wraps: lines may be as long as their content (pipe it to `less -S`).
 WIDE_WIDTH = 100_000
+# A wrapped column (a reason) keeps at least this many characters a line.
+MIN_WRAP_WIDTH = 20
+COLUMN_GAP = 2  # rich's default cell padding: one space each side
 
 
 def console(output: Output, file: IO[str] | None = None) -> Console:
@@ -41,8 +44,17 @@ def table(
     wrap: Sequence[str] = ("REASON",),
     title: str | None = None,
 ) -> None:
-    """Print rows; the `wrap` columns fold inside their width, the others keep one line."""
+    """Print rows; the `wrap` columns fold inside their width, the others keep one line at full
+    width. Nothing is ever cut: when the one-line columns alone need more than the terminal
+    has, the table is laid out wider than the terminal instead."""
     wide = out.width >= WIDE_WIDTH
+    cells = [[flat(cell) for cell in row] for row in rows]
+    natural = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(header)]
+    folds = [name in wrap and not wide for name in header]
+    needed = sum(
+        min(width, MIN_WRAP_WIDTH) if fold else width
+        for width, fold in zip(natural, folds, strict=True)
+    ) + COLUMN_GAP * (len(header) - 1)
     grid = Table(
         box=None,
         show_edge=False,
@@ -53,19 +65,22 @@ def table(
         title_style="bold",
         expand=False,
     )
-    for name in header:
-        folds = name in wrap and not wide
+    for name, width, fold in zip(header, natural, folds, strict=True):
         grid.add_column(
             name,
             overflow="fold",
-            no_wrap=not folds,
-            min_width=len(name),
-            ratio=1 if folds else None,
+            no_wrap=not fold,
+            min_width=min(width, MIN_WRAP_WIDTH) if fold else width,
         )
-    for row in rows:
-        grid.add_row(*(Text(flat(cell)) for cell in row))
-    with out.capture() as captured:
-        out.print(grid, crop=False)
+    for row in cells:
+        grid.add_row(*(Text(cell) for cell in row))
+    terminal = out.width
+    out.width = max(terminal, needed)  # print(width=) can only narrow, never widen
+    try:
+        with out.capture() as captured:
+            out.print(grid, crop=False)
+    finally:
+        out.width = terminal
     # Cells are padded to their column; trailing blanks only make copy-paste worse.
     text = "\n".join(part.rstrip() for part in captured.get().splitlines())
     out.file.write(text + "\n")
