@@ -9,7 +9,7 @@ import httpx
 import pytest
 from gw_fakes import API_KEY, FakeTinker, make_jwt, make_rig, make_run
 
-from tinker_recovery.errors import RemoteRejected, RemoteUnavailable
+from tinker_recovery.errors import InconsistentListing, RemoteRejected, RemoteUnavailable
 from tinker_recovery.shell.gateway import GatewayUnavailable, MalformedResponse, poll_error_reason
 
 
@@ -121,6 +121,7 @@ async def test_hanging_server_fails_within_timeout_times_attempts_plus_delays(
     [
         pytest.param(GatewayUnavailable("x", reason="rate_limited"), "rate_limited", id="429"),
         pytest.param(MalformedResponse("x"), "malformed", id="malformed"),
+        pytest.param(InconsistentListing("x"), "inconsistent", id="inconsistent"),
         pytest.param(RemoteRejected("x", status_code=403), "rejected", id="rejected"),
         pytest.param(TimeoutError(), "timeout", id="cycle-timeout"),
         pytest.param(RemoteUnavailable("x"), "other", id="other-unavailable"),
