@@ -271,17 +271,20 @@ async def client(port: int, n: int, cycles: int, parser: str, transport: str, tu
     )
 
 
-def run_variant(port: int, n: int, cycles: int, parser: str, transport: str, tune: bool) -> dict:
+def run_variant(
+    port: int, n: int, cycles: int, parser: str, transport: str, tune: bool
+) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--client", str(port), "--sizes", str(n)]
     argv += ["--cycles", str(cycles), "--parser", parser, "--transport", transport]
     argv += ["--gc-tune"] if tune else []
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
 
 
-def part_cycle(n: int, cycles: int, variants: list[tuple[str, str, bool]]) -> list[dict]:
+def part_cycle(n: int, cycles: int, variants: list[tuple[str, str, bool]]) -> list[dict[str, Any]]:
     port_file = f"/tmp/bench-listing-{os.getpid()}.port"
     server = subprocess.Popen([sys.executable, __file__, "--serve", port_file, "--sizes", str(n)])
     try:
