@@ -14,6 +14,7 @@ so the receiving side can deduplicate. Secrets never go into argv, messages or l
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import importlib
@@ -25,10 +26,12 @@ import signal
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+import standardwebhooks
 import structlog
 
 import tinker_recovery
@@ -243,6 +246,27 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     return "sha256=" + digest.hexdigest()
 
 
+def standard_webhook_key(secret: str) -> bytes:
+    """The signing key as Standard Webhooks receivers derive it: a `whsec_<base64>` secret is
+    decoded, anything else is used as its UTF-8 bytes (give receivers `whsec_` + its base64)."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret.removeprefix("whsec_") + "==")
+    return secret.encode()
+
+
+def standard_webhook_headers(
+    secret: str, message_id: str, timestamp: str, body: bytes
+) -> dict[str, str]:
+    """`webhook-id`, `webhook-timestamp`, `webhook-signature` (v1) for this body."""
+    signer = standardwebhooks.Webhook(standard_webhook_key(secret))
+    when = datetime.fromtimestamp(int(timestamp), tz=UTC)
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": timestamp,
+        "webhook-signature": signer.sign(message_id, when, body.decode()),
+    }
+
+
 def verify_signature(secret: bytes, timestamp: str, body: bytes, header: str) -> bool:
     """For receivers: does `header` sign exactly this timestamp and body with `secret`?
 
@@ -319,8 +343,11 @@ class WebhookAction:
             TIMESTAMP_HEADER: timestamp,
         }
         if self._cfg.secret is not None:
-            secret = self._cfg.secret.get_secret_value().encode()
-            headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
+            key = self._cfg.secret.get_secret_value()
+            headers[SIGNATURE_HEADER] = sign(key.encode(), timestamp, body)
+            # Standard Webhooks, which receivers verify with their libraries: the message id is
+            # the idempotency key, so a redelivery is recognised as the same message.
+            headers.update(standard_webhook_headers(key, idempotency_key, timestamp, body))
         try:
             async with asyncio.timeout(self._cfg.timeout):
                 response = await self._http.post(self._cfg.url, content=body, headers=headers)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import ho_targets
 import httpx
 import pytest
+import standardwebhooks
 from ho_fakes import RecordingClock, request
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -224,3 +227,38 @@ async def test_raising_function_is_action_failed() -> None:
 async def test_slow_function_times_out() -> None:
     with pytest.raises(ActionFailed, match="timed out after 30s"):
         await python("ho_targets:never_returns", timeout=30).hand_off(request())
+
+
+@pytest.mark.parametrize(
+    ("secret", "receiver_secret"),
+    [
+        # What a receiver configures: the whsec_ form of the same key.
+        pytest.param(SECRET, "whsec_" + base64.b64encode(SECRET.encode()).decode(), id="plain"),
+        pytest.param("whsec_c2VjcmV0LWtleS0xMjM0", "whsec_c2VjcmV0LWtleS0xMjM0", id="whsec"),
+    ],
+)
+async def test_standard_webhooks_headers_verify_with_the_library(
+    secret: str, receiver_secret: str
+) -> None:
+    """Issue 11: receivers verify Standard Webhooks (webhook-id/-timestamp/-signature) with
+    the `standardwebhooks` library; the message id is the idempotency key."""
+    seen: list[tuple[bytes, dict[str, str]]] = []
+
+    async def hook(req: Request) -> Response:
+        seen.append((await req.body(), dict(req.headers)))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/services/{rest:path}", hook, methods=["POST"])])
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+    cfg = WebhookHandoff(type="webhook", url=URL, secret=SecretStr(secret))
+    action = build_handoff(cfg, runner=SubprocessRunner(), http=http, clock=RecordingClock())
+    await action.hand_off(request())
+
+    [(body, headers)] = seen
+    assert headers["webhook-id"] == "att-123" == headers["idempotency-key"]
+    receiver = standardwebhooks.Webhook(receiver_secret)
+    when = datetime.fromtimestamp(int(headers["webhook-timestamp"]), tz=UTC)
+    # The library's own signer, as its verify() uses it (verify() also checks the timestamp
+    # against the real clock, which this test's fixed clock is not).
+    assert receiver.sign("att-123", when, body.decode()) == headers["webhook-signature"]
+    assert receiver.sign("att-124", when, body.decode()) != headers["webhook-signature"]
