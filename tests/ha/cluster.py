@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -241,6 +242,35 @@ class Cluster:
         replica.proc.kill()
         replica.proc.wait()
         return killed_at
+
+    def freeze(self, name: str) -> float:
+        """SIGSTOP one replica (not its handoff jobs): a stalled VM, a GC pause, a debugger. Its
+        lease lapses while its tasks stay where they were. The wall time of the freeze."""
+        replica = self.replicas[name]
+        assert replica.proc is not None
+        frozen_at = time.time()
+        replica.proc.send_signal(signal.SIGSTOP)
+        return frozen_at
+
+    def thaw(self, name: str) -> float:
+        """SIGCONT: the replica carries on from where it stood, tasks and all."""
+        replica = self.replicas[name]
+        assert replica.proc is not None
+        thawed_at = time.time()
+        replica.proc.send_signal(signal.SIGCONT)
+        return thawed_at
+
+    def role(self, name: str) -> str:
+        """One replica's role from /status, asked with a short timeout ("unreachable" if it
+        does not answer, e.g. while frozen)."""
+        try:
+            response = httpx.get(self.replicas[name].url("/status"), timeout=1, trust_env=False)
+            return str(response.json().get("role"))
+        except (httpx.HTTPError, ValueError):
+            return "unreachable"
+
+    def wait_role(self, name: str, role: str, timeout_s: float = 20.0) -> None:
+        wait_until(lambda: self.role(name) == role, f"{name} to be {role}", timeout_s, self.tails())
 
     def stop_all(self) -> None:
         for replica in self.replicas.values():

@@ -13,9 +13,18 @@ The killed replica is restarted as a standby before the next trial. At the end e
 run must be recovered; duplicates are idempotency keys handed off more than once plus corrupted
 runs with more than one handoff or more than one successor in the emulator.
 
-    cd tests && ../.venv/bin/python -m ha.measure_failover --trials 20
+`--lease-flap` (issue 9) freezes the leader instead (SIGSTOP) while an attempt of its is in
+flight, for longer than the lease TTL, alternating two moments: during a slow checkpoint
+validation (`weights_info` delayed by the emulator: before the handoff) and during its handoff
+job's start-up delay (after it). The standby takes the lease and settles the attempt (abandons
+and redoes it, or confirms the job's successor); then the frozen replica is resumed (SIGCONT)
+with its tasks still running, and later regains the lease when the other one stops (SIGTERM).
+The same duplicate count applies: it must stay 0.
 
-`test_measure_failover.py` runs three trials in `make test` and asserts no duplicates.
+    cd tests && ../.venv/bin/python -m ha.measure_failover --trials 20
+    cd tests && ../.venv/bin/python -m ha.measure_failover --lease-flap --trials 20
+
+`test_measure_failover.py` runs a few trials of each in `make test` and asserts no duplicates.
 """
 
 from __future__ import annotations
@@ -34,6 +43,17 @@ from e2e.harness import emulator, wait_until
 from ha.cluster import LEASE_TTL_S, RENEW_S, Cluster, cluster
 
 HANDOFF_DELAY_S = 0.5
+# Lease flap: a freeze longer than the TTL, and a validation slow enough to be frozen in.
+FREEZE_S = LEASE_TTL_S * 2 + 1.0
+SLOW_VALIDATION_S = 2.0
+# Log events by which a replica's work from a lapsed term ends without acting.
+OLD_EPOCH_EVENTS = (
+    "handoff_withheld",
+    "stale_attempts_cancelled",
+    "attempt_crashed",
+    "attempt_finish_failed",
+    "attempts_cancelled",
+)
 
 
 @dataclass
@@ -106,33 +126,146 @@ def measure(trials: int, workdir: Path) -> Figures:
                 f"trial {number + 1}/{trials}: {figures.failover_s[-1]:.2f} s"
                 f" (lease {figures.lease_s[-1]:.2f} s)\n"
             )
-        ha.wait_recovered(60)
-        ha.replicas[ha.wait_leader()].wait_polls(2)  # a duplicate would have started by now
-        begun = ha.begun()
-        keys = Counter(row["key"] for row in begun)
-        runs = Counter(row["run"] for row in begun)
-        emulated = ha.emu.all_runs()
-        successors = Counter(r.get("recovered_from") for r in emulated if r.get("recovered_from"))
-        figures.handoffs = len(begun)
-        figures.corrupted = len(ha.corrupted)
-        figures.duplicates = (
-            sum(n - 1 for n in keys.values())
-            + sum(max(runs[r] - 1, 0) for r in ha.corrupted)
-            + sum(max(successors[r] - 1, 0) for r in ha.corrupted)
+        count_handoffs(ha, figures)
+    return figures
+
+
+def count_handoffs(ha: Cluster, figures: Figures) -> None:
+    """Once every corrupted run recovered (and a duplicate would have begun): handoffs and
+    duplicates, per the job's log and per the emulator's successor runs."""
+    ha.wait_recovered(60)
+    ha.replicas[ha.wait_leader()].wait_polls(2)  # a duplicate would have started by now
+    begun = ha.begun()
+    keys = Counter(row["key"] for row in begun)
+    runs = Counter(row["run"] for row in begun)
+    emulated = ha.emu.all_runs()
+    successors = Counter(r.get("recovered_from") for r in emulated if r.get("recovered_from"))
+    figures.handoffs = len(begun)
+    figures.corrupted = len(ha.corrupted)
+    figures.duplicates = (
+        sum(n - 1 for n in keys.values())
+        + sum(max(runs[r] - 1, 0) for r in ha.corrupted)
+        + sum(max(successors[r] - 1, 0) for r in ha.corrupted)
+    )
+
+
+@dataclass
+class FlapFigures:
+    takeover_s: list[float] = field(default_factory=list)  # freeze -> standby leads
+    lost_s: list[float] = field(default_factory=list)  # thaw -> thawed replica says it lost
+    regain_s: list[float] = field(default_factory=list)  # other stopped -> thawed one leads
+    phases: Counter[str] = field(default_factory=Counter)
+    # What became of the thawed replicas' old-epoch work, from their logs (event -> count).
+    stopped: Counter[str] = field(default_factory=Counter)
+    counts: Figures = field(default_factory=Figures)
+
+    def summary(self) -> str:
+        def stats(values: list[float]) -> str:
+            return (
+                f"median {statistics.median(values):.2f} s, min {min(values):.2f} s,"
+                f" max {max(values):.2f} s"
+            )
+
+        c = self.counts
+        stopped = ", ".join(f"{k} {v}" for k, v in sorted(self.stopped.items()))
+        phases = ", ".join(f"{k} {v}" for k, v in sorted(self.phases.items()))
+        return (
+            f"{len(self.takeover_s)} lease-flap trials ({phases}), lease_ttl {LEASE_TTL_S:g} s,"
+            f" frozen {FREEZE_S:g} s\n"
+            f"  freeze -> the standby leads:                 {stats(self.takeover_s)}\n"
+            f"  thaw -> the thawed replica logs the loss:    {stats(self.lost_s)}\n"
+            f"  other stopped -> the thawed replica leads:   {stats(self.regain_s)}\n"
+            f"  old-epoch work stopped: {stopped or 'nothing logged'}\n"
+            f"  corrupted runs {c.corrupted}, handoffs {c.handoffs},"
+            f" duplicate handoffs {c.duplicates}"
         )
+
+
+def _healthy(ha: Cluster, run_id: str) -> bool:
+    lineage = ha.lineage(run_id)
+    return lineage is not None and lineage.state.value == "healthy"
+
+
+def flap_trial(ha: Cluster, leader: str, standby: str, phase: str, figures: FlapFigures) -> None:
+    """Freeze `leader` mid-attempt past the TTL, let `standby` settle it, thaw `leader` with its
+    tasks still running, then stop `standby` so that `leader` regains the lease."""
+    run_id = ha.corrupt_new_run()
+    ha.replicas[leader].wait_polls(1)  # seen healthy first, so its corruption is news
+    validations = ha.emu.count("weights_info")
+    if phase == "validating":
+        ha.emu.add_fault(
+            kind="latency", endpoints=["weights_info"], latency_s=SLOW_VALIDATION_S, times=1
+        )
+    ha.corrupt(run_id)
+    if phase == "validating":
+        in_flight = lambda: ha.emu.count("weights_info") > validations  # noqa: E731
+    else:
+        in_flight = lambda: any(row["run"] == run_id for row in ha.begun())  # noqa: E731
+    wait_until(in_flight, f"{leader}'s attempt for {run_id} to be {phase}", 20, ha.tails())
+    frozen_at = ha.freeze(leader)
+    ha.wait_role(standby, "leader")
+    figures.takeover_s.append(time.time() - frozen_at)
+    # The standby settles the attempt: the run recovers while the old leader is still frozen.
+    wait_until(lambda: _healthy(ha, run_id), f"{standby} to recover {run_id}", 30, ha.tails())
+    remaining = FREEZE_S - (time.time() - frozen_at)
+    if remaining > 0:
+        time.sleep(remaining)  # a frozen process: only wall time passes
+    thawed_at = ha.thaw(leader)
+    figures.lost_s.append(
+        _first_after(ha, leader, "leadership_lost", thawed_at - 0.001) - thawed_at
+    )
+    ha.replicas[standby].wait_polls(1)  # the thawed replica's tasks have had their chance
+    stopped_at = time.time()
+    ha.replicas[standby].stop()
+    ha.wait_role(leader, "leader")
+    figures.regain_s.append(time.time() - stopped_at)
+    ha.replicas[leader].wait_polls(2)  # it reconciled under its new epoch and looked again
+    ha.start(standby)  # back as a standby for the next trial
+    figures.phases[phase] += 1
+
+
+def measure_flap(trials: int, workdir: Path) -> FlapFigures:
+    figures = FlapFigures()
+    knobs = {"handoff_delay_s": HANDOFF_DELAY_S, "debug": True}
+    with emulator() as emu, cluster(emu, workdir, **knobs) as ha:
+        ha.start("a")
+        leader = ha.wait_leader()
+        ha.start("b")
+        for number in range(trials):
+            standby = "b" if leader == "a" else "a"
+            phase = ("validating", "handing_off")[number % 2]
+            flap_trial(ha, leader, standby, phase, figures)
+            sys.stderr.write(
+                f"flap {number + 1}/{trials} ({phase}): takeover {figures.takeover_s[-1]:.2f} s,"
+                f" regain {figures.regain_s[-1]:.2f} s\n"
+            )
+        for replica in ha.replicas.values():
+            for event in OLD_EPOCH_EVENTS:
+                figures.stopped[event] += len(replica.events(event))
+        count_handoffs(ha, figures.counts)
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument(
+        "--lease-flap",
+        action="store_true",
+        help="freeze the leader mid-attempt past the TTL, resume it, let it regain the lease",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ha-failover-") as tmp:
-        figures = measure(args.trials, Path(tmp))
-    print(figures.summary())  # noqa: T201 - the figures are this script's output
+        if args.lease_flap:
+            flap = measure_flap(args.trials, Path(tmp))
+            summary, duplicates = flap.summary(), flap.counts.duplicates
+        else:
+            figures = measure(args.trials, Path(tmp))
+            summary, duplicates = figures.summary(), figures.duplicates
+    print(summary)  # noqa: T201 - the figures are this script's output
     print(f"  wall {time.monotonic() - started:.0f} s")  # noqa: T201 - as above
-    return 1 if figures.duplicates else 0
+    return 1 if duplicates else 0
 
 
 if __name__ == "__main__":
