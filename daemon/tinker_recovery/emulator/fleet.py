@@ -41,6 +41,12 @@ PROJECTS = ("math-rl", "chat-sft", "tool-use", "code-rl", "summarize")
 RENDERERS = ("qwen3", "llama3", "role_colon", "gpt_oss")
 
 
+_COMPACT = (",", ":")
+_HEAD_KEYS = ("training_run_id", "base_model", "model_owner", "is_lora", "corrupted", "lora_rank")
+_TAIL_KEYS = ("last_checkpoint", "last_sampler_checkpoint", "user_metadata")
+_STAMP_KEY = b',"last_request_time":'
+
+
 def iso(ts: float) -> str:
     """An aware UTC ISO 8601 string, the form the SDK's pydantic models parse."""
     return datetime.fromtimestamp(ts, UTC).isoformat()
@@ -141,6 +147,13 @@ class Run:
     cache: bytes = b""
     cache_version: int = -1
     cache_until: float = -math.inf
+    """The whole JSON is valid until then (the next `last_request_time` tick or expiry)."""
+    cache_head: bytes = b""
+    """The JSON up to `last_request_time`'s value, and after it: everything but that value,"""
+    cache_tail: bytes = b""
+    """which changes every `request_interval_s` while the run is driven."""
+    shape_until: float = -math.inf
+    """Head and tail are valid until then: the next periodic checkpoint or a latest's expiry."""
 
     @property
     def is_lora(self) -> bool:
@@ -234,10 +247,29 @@ class Run:
     def _latest(self, now: float) -> tuple[Checkpoint | None, Checkpoint | None]:
         return self._latest_of("training", now), self._latest_of("sampler", now)
 
-    def _valid_until(self, now: float, latest: tuple[Checkpoint | None, ...]) -> float:
+    def _shape_until(self, now: float, latest: tuple[Checkpoint | None, ...]) -> float:
+        """Until when the latest checkpoints (so everything but `last_request_time`) hold: a
+        latest one expiring, or, while driven, the next periodic checkpoint (the count can only
+        move once `now` reaches its time, since `last_request(now) <= now`; a stopped run's is
+        fixed). Everything else changes through a mutation, which calls `touch`."""
         until = math.inf
+        for ckpt in latest:
+            if ckpt is not None and ckpt.expires_at is not None:
+                until = min(until, ckpt.expires_at)
+        driven = self.kind != "session" and self.activity_end(now) == now
+        if self.checkpoint_interval_s > 0 and driven:
+            count = self._periodic_count(self.last_request(now))
+            until = min(until, self.origin + (count + 1) * self.checkpoint_interval_s)
+        return until
+
+    def _stamp_until(self, now: float) -> float:
+        """Until when `last_request_time` holds: the next request tick while driven."""
         if self.kind != "session" and self.activity_end(now) == now:
-            until = self.last_request(now) + self.request_interval_s
+            return self.last_request(now) + self.request_interval_s
+        return math.inf
+
+    def _valid_until(self, now: float, latest: tuple[Checkpoint | None, ...]) -> float:
+        until = self._stamp_until(now)
         for ckpt in latest:
             if ckpt is not None and ckpt.expires_at is not None:
                 until = min(until, ckpt.expires_at)
@@ -261,13 +293,33 @@ class Run:
         }
 
     def wire_bytes(self, now: float) -> bytes:
-        """The run's JSON, rebuilt only after a change or when time made it stale."""
-        if self.cache_version == self.version and now < self.cache_until:
-            return self.cache
+        """The run's JSON (`to_wire` compactly dumped), rebuilt only when time or a change made
+        it stale. A driven run's `last_request_time` moves every `request_interval_s`, far more
+        often than anything else in it, so only that value is re-rendered then: the rest is
+        kept as a head and a tail until the latest checkpoints can change. Reading a run costs
+        the same however long ago it was last read (the listing stays linear in the fleet)."""
+        if self.cache_version == self.version:
+            if now < self.cache_until:
+                return self.cache
+            if now < self.shape_until:
+                stamp = json.dumps(iso(self.last_request(now))).encode()
+                self.cache = b"".join((self.cache_head, stamp, self.cache_tail))
+                self.cache_until = min(self._stamp_until(now), self.shape_until)
+                return self.cache
         latest = self._latest(now)
-        self.cache = json.dumps(self.to_wire(now, latest), separators=(",", ":")).encode()
+        wire = self.to_wire(now, latest)
+        head = {k: wire[k] for k in _HEAD_KEYS}
+        stamp_value = wire["last_request_time"]
+        tail = {k: wire[k] for k in _TAIL_KEYS}
+        # json.dumps of a dict is "{" + ",".join(key:value) + "}", so the three parts joined are
+        # byte for byte the dump of the whole dict.
+        self.cache_head = json.dumps(head, separators=_COMPACT).encode()[:-1] + _STAMP_KEY
+        self.cache_tail = b"," + json.dumps(tail, separators=_COMPACT).encode()[1:]
+        stamp = json.dumps(stamp_value).encode()
+        self.cache = b"".join((self.cache_head, stamp, self.cache_tail))
         self.cache_version = self.version
-        self.cache_until = self._valid_until(now, latest)
+        self.shape_until = self._shape_until(now, latest)
+        self.cache_until = min(self._valid_until(now, latest), self.shape_until)
         return self.cache
 
     def add_checkpoint(self, ckpt: Checkpoint) -> None:
