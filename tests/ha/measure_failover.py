@@ -48,6 +48,7 @@ FREEZE_S = LEASE_TTL_S * 2 + 1.0
 SLOW_VALIDATION_S = 2.0
 # Log events by which a replica's work from a lapsed term ends without acting.
 OLD_EPOCH_EVENTS = (
+    "leadership_lost",
     "handoff_withheld",
     "stale_attempts_cancelled",
     "attempt_crashed",
@@ -152,7 +153,7 @@ def count_handoffs(ha: Cluster, figures: Figures) -> None:
 @dataclass
 class FlapFigures:
     takeover_s: list[float] = field(default_factory=list)  # freeze -> standby leads
-    lost_s: list[float] = field(default_factory=list)  # thaw -> thawed replica says it lost
+    lost_s: list[float] = field(default_factory=list)  # thaw -> thawed replica is a standby
     regain_s: list[float] = field(default_factory=list)  # other stopped -> thawed one leads
     phases: Counter[str] = field(default_factory=Counter)
     # What became of the thawed replicas' old-epoch work, from their logs (event -> count).
@@ -173,7 +174,7 @@ class FlapFigures:
             f"{len(self.takeover_s)} lease-flap trials ({phases}), lease_ttl {LEASE_TTL_S:g} s,"
             f" frozen {FREEZE_S:g} s\n"
             f"  freeze -> the standby leads:                 {stats(self.takeover_s)}\n"
-            f"  thaw -> the thawed replica logs the loss:    {stats(self.lost_s)}\n"
+            f"  thaw -> the thawed replica is a standby:     {stats(self.lost_s)}\n"
             f"  other stopped -> the thawed replica leads:   {stats(self.regain_s)}\n"
             f"  old-epoch work stopped: {stopped or 'nothing logged'}\n"
             f"  corrupted runs {c.corrupted}, handoffs {c.handoffs},"
@@ -211,9 +212,10 @@ def flap_trial(ha: Cluster, leader: str, standby: str, phase: str, figures: Flap
     if remaining > 0:
         time.sleep(remaining)  # a frozen process: only wall time passes
     thawed_at = ha.thaw(leader)
-    figures.lost_s.append(
-        _first_after(ha, leader, "leadership_lost", thawed_at - 0.001) - thawed_at
-    )
+    # The thawed replica must stop acting as leader (its /status role); whether its guard also
+    # logged `leadership_lost` is counted separately.
+    ha.wait_role(leader, "standby")
+    figures.lost_s.append(time.time() - thawed_at)
     ha.replicas[standby].wait_polls(1)  # the thawed replica's tasks have had their chance
     stopped_at = time.time()
     ha.replicas[standby].stop()
