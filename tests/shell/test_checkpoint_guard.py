@@ -193,10 +193,10 @@ async def test_a_hold_means_hands_off(rig: Rig, fleet: bool) -> None:
 async def test_work_at_risk_moves_as_the_checkpoint_ages(rig: Rig) -> None:
     rig.create(periodic_ttl_s=30 * DAY, checkpoint_interval_s=3600.0)
     await rig.cycle()
-    first = rig.sample("work_at_risk_seconds", quantile="1")
+    first = rig.sample("work_at_risk_seconds", rank="1")
     rig.server.emulator.advance(1200.0)  # requests go on; the next save is due in ~40 min
     await rig.cycle()
-    second = rig.sample("work_at_risk_seconds", quantile="1")
+    second = rig.sample("work_at_risk_seconds", rank="1")
     assert second == pytest.approx(first + 1200.0, abs=31)  # last_request_time steps by 30 s
     assert rig.sample("driven_runs") == 1
     assert rig.sample("runs_without_usable_checkpoint") == 0

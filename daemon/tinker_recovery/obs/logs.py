@@ -313,6 +313,9 @@ def _formatter(fmt: Literal["json", "console"]) -> structlog.stdlib.ProcessorFor
     )
 
 
+_LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def configure(
     format: Literal["json", "console"],  # shadows the builtin, but it is the public keyword
     level: str,
@@ -356,5 +359,15 @@ def configure(
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    for name in _LIBRARY_LOGGERS:
+        # A uvicorn server started with its default log config (an embedded emulator, a
+        # library user's own server) gives these loggers handlers of their own and stops them
+        # propagating: their records would bypass ours (no JSON, no journal priority).
+        library = logging.getLogger(name)
+        for own in list(library.handlers):
+            library.removeHandler(own)
+        library.propagate = True
+        library.disabled = False
+        library.setLevel(logging.NOTSET)  # uvicorn sets its own from `log_level`
     for name, quiet_level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(quiet_level)

@@ -62,7 +62,8 @@ API_ENDPOINTS: Final[tuple[str, ...]] = get_args(ApiEndpoint)
 # What the checkpoint guard did with a checkpoint that needed an extension this cycle.
 GuardOutcome = Literal["extended", "failed", "dry_run", "held", "deferred"]
 GUARD_OUTCOMES: Final[tuple[str, ...]] = get_args(GuardOutcome)
-# The `quantile` label of work_at_risk_seconds (1 is the maximum); see core/guard.QUANTILES.
+# The `rank` label of work_at_risk_seconds: a quantile, 1 the worst run (promtool reserves
+# `quantile` for summaries); see core/guard.QUANTILES.
 WORK_AT_RISK_QUANTILES: Final[tuple[str, ...]] = ("0.5", "0.9", "0.99", "1")
 
 ReloadOutcome = Literal["success", "failure"]
@@ -242,8 +243,8 @@ class Metrics:
         self.work_at_risk = Gauge(
             "work_at_risk_seconds",
             "Work at risk over driven runs as of the last cycle (last request minus the newest "
-            "usable checkpoint), by quantile; quantile 1 is the worst run.",
-            ["quantile"],
+            "usable checkpoint), by rank (a quantile: 1 is the worst run).",
+            ["rank"],
             namespace=PREFIX,
             registry=reg,
         )
@@ -280,7 +281,7 @@ class Metrics:
         for guard_outcome in GUARD_OUTCOMES:
             self.checkpoint_guard.labels(outcome=guard_outcome)
         for quantile in WORK_AT_RISK_QUANTILES:
-            self.work_at_risk.labels(quantile=quantile)
+            self.work_at_risk.labels(rank=quantile)
 
     def _precreate(self) -> None:
         # Touch every known label value so the series are exported at 0 from the start.

@@ -209,7 +209,7 @@ class CheckpointGuard:
         self._metrics.driven_runs.set(len(plan.risks))
         self._metrics.runs_without_usable_checkpoint.set(len(plan.risks) - len(known))
         for q, value in core_guard.quantiles(known).items():
-            self._metrics.work_at_risk.labels(quantile=f"{q:g}").set(value)
+            self._metrics.work_at_risk.labels(rank=f"{q:g}").set(value)
 
     def _risk_dict(self, risk: core_guard.Risk) -> dict[str, Any]:
         return {
