@@ -9,8 +9,10 @@ floor, `json.loads` of every page the daemon reads, timed in this process on the
 fetched from that emulator; then the real daemon (`tinker-recovery run`, gateway + poller,
 under `/usr/bin/time -v`, through bench_scenarios.measure_watch: two warm-up cycles, then
 --cycles measured) twice, on the same emulator: with an empty SQLite store, then with a copy
-of the history store. Both configs set `state.events_max_age` past the history's age, so the
-first cycle's retention deletes nothing and the measured cycles see the whole year.
+of the history store, then with a copy in which every lineage is closed (healthy, nothing
+left for the cycle to read: the history's size alone). All configs set `state.events_max_age`
+past the history's age, so the first cycle's retention deletes nothing and the measured cycles
+see the whole year.
 
 The history store is made once: the schema by the real `SqliteStore.open()` (its migrations),
 then bulk inserts whose rows come from the store's own encoders (`statements.lineage_params`,
@@ -168,6 +170,21 @@ def build_history(path: Path, lineages: int, events: int, seed: int = 11) -> dic
     return {"lineages": states, "events": events, "build_s": time.perf_counter() - t0}
 
 
+def close_all(source: Path, target: Path) -> int:
+    """A copy of the history where every lineage is closed (healthy, no attempt in its budget):
+    the same year of rows, none of which the cycle has to read."""
+    shutil.copyfile(source, target)
+    conn = sqlite3.connect(target)
+    with conn:
+        changed = conn.execute(
+            "UPDATE lineages SET state = 'healthy', active = 0, data = json_set(data,"
+            " '$.state', 'healthy', '$.attempt_starts', json('[]'), '$.next_attempt_at', NULL)"
+            " WHERE active = 1"
+        ).rowcount
+    conn.close()
+    return int(changed)
+
+
 def db_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
@@ -240,6 +257,33 @@ def with_retention(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def print_size(
+    n: int, interval: float, cycles: int, floor: dict[str, float], rows: dict[str, Any]
+) -> None:
+    print(f"\n## {n:,} runs, interval {interval:g} s, {cycles} measured cycles\n")
+    print(
+        f"json.loads of the same {floor['pages']:,} pages: {floor['json_loads_s']:.3f} s "
+        f"({floor['json_loads_s'] / n * 1e6:.2f} µs/run)\n"
+    )
+    print(
+        "| store | requests/cycle | daemon CPU s/cycle | µs/run | x json.loads | "
+        "wall s (median / max) | peak RSS MB | emulator CPU s/cycle |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---:|")
+    for variant, row in rows.items():
+        cpu = row["cpu_s_per_cycle"]
+        print(
+            f"| {variant} | {sorted(set(row['requests_per_cycle']))} | {cpu:.3f} | "
+            f"{cpu / n * 1e6:.1f} | {cpu / floor['json_loads_s']:.2f} | "
+            f"{row['wall_s_median']:.3f} / {row['wall_s_max']:.3f} | "
+            f"{row['peak_rss_mb']:.0f} | {row['emulator_cpu_s_per_cycle']:.3f} |"
+        )
+    for variant in ("history", "history-closed"):
+        if variant in rows:
+            ratio = rows[variant]["cpu_s_per_cycle"] / rows["empty"]["cpu_s_per_cycle"]
+            print(f"\n{variant} / empty CPU per cycle: {ratio:.3f} (target <= 1.10)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -275,38 +319,20 @@ def main() -> None:
         try:
             floor = json_floor(emu.base_url, n)
             rows = {}
-            variants = ["empty"] + (["history"] if n in history_sizes else [])
+            variants = ["empty"] + (["history", "history-closed"] if n in history_sizes else [])
             for variant in variants:
                 name = f"{variant}-{n}"
                 if variant == "history":
                     shutil.copyfile(history, workdir / f"{name}.db")
+                elif variant == "history-closed":
+                    close_all(history, workdir / f"{name}.db")
                 rows[variant] = scenarios.measure_watch(
                     emu, workdir=workdir, name=name, interval_s=interval, cycles=args.cycles
                 )
         finally:
             emu.close()
         figures["sizes"][n] = {"floor": floor, **rows}
-        print(f"\n## {n:,} runs, interval {interval:g} s, {args.cycles} measured cycles\n")
-        print(
-            f"json.loads of the same {floor['pages']:,} pages: {floor['json_loads_s']:.3f} s "
-            f"({floor['json_loads_s'] / n * 1e6:.2f} µs/run)\n"
-        )
-        print(
-            "| store | requests/cycle | daemon CPU s/cycle | µs/run | x json.loads | "
-            "wall s (median / max) | peak RSS MB | emulator CPU s/cycle |"
-        )
-        print("|---|---|---:|---:|---:|---|---:|---:|")
-        for variant, row in rows.items():
-            cpu = row["cpu_s_per_cycle"]
-            print(
-                f"| {variant} | {sorted(set(row['requests_per_cycle']))} | {cpu:.3f} | "
-                f"{cpu / n * 1e6:.1f} | {cpu / floor['json_loads_s']:.2f} | "
-                f"{row['wall_s_median']:.3f} / {row['wall_s_max']:.3f} | "
-                f"{row['peak_rss_mb']:.0f} | {row['emulator_cpu_s_per_cycle']:.3f} |"
-            )
-        if "history" in rows:
-            ratio = rows["history"]["cpu_s_per_cycle"] / rows["empty"]["cpu_s_per_cycle"]
-            print(f"\nhistory / empty CPU per cycle: {ratio:.3f} (target <= 1.10)")
+        print_size(n, interval, args.cycles, floor, rows)
         sys.stdout.flush()
     if history_sizes:
         steps = retention(history)
