@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -437,3 +437,37 @@ async def test_a_deleted_state_file_is_noticed(tmp_path: Path) -> None:
     assert r.health.store_state() is False
     assert r.sample("poll_errors_total", reason="store") == 1
     await store.close()
+
+
+class StallingGuard:
+    """Stands in for the checkpoint guard: reports one stalled run whose rule says recover."""
+
+    def __init__(self) -> None:
+        self.stalled: list[tuple[str, str]] = []
+
+    async def run_cycle(self, runs: Sequence[RunView], now: datetime, policy: object) -> None:
+        pass
+
+    def recover_requests(self) -> list[tuple[str, str]]:
+        return list(self.stalled)
+
+
+async def test_a_stall_with_on_stall_recover_is_requested_once(store: SqliteStore) -> None:
+    """Issue 13: `on_stall: recover` goes through the operator path (its checks), once per
+    stall, however many cycles the run stays stalled."""
+    stuck = run("stuck")
+    r = rig(store, [[*FLEET, stuck]] * 4)
+    guard = StallingGuard()
+    r.poller._guard = cast(Any, guard)  # the real guard needs a live emulator: see e2e
+    guard.stalled = [("stuck", "no request for 10m")]
+    await r.cycles(3)
+    # One request, settled by the operator path's checks (this rig's rule has no handoff, so
+    # it is refused there with the reason, in history).
+    events = [e for e in await store.events(run_id="stuck") if e.kind.startswith("manual")]
+    assert [e.kind for e in events] == ["manual_recovery_refused"]
+    assert "no handoff" in events[0].reason
+    assert await store.manual_request_outcome(1) is not None
+    assert await store.manual_request_outcome(2) is None  # never asked twice
+    guard.stalled = []
+    await r.cycles(1)
+    assert await store.pending_manual_requests() == []

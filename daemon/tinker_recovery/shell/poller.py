@@ -155,6 +155,7 @@ class Poller:
         self._lease_epoch = lease_epoch
         self.retention = retention
         self._next_compact_s = 0.0  # monotonic; the first cycle as leader applies retention
+        self._stall_routed: set[str] = set()  # stalled runs already turned into a request
         self._epoch: int | None = None  # the lease epoch this cycle acts under
         self._rand = rand
         self._fleet = FleetMemory()
@@ -254,6 +255,7 @@ class Poller:
         await self._executor.sweep(runs, epoch=self._epoch)
         if self._guard is not None:
             await self._guard.run_cycle(runs, now, policy)
+            await self._route_stalls(now)
         decisions = await self._decide(runs, now, policy)
         started = await self._act(decisions, runs, now, tg, policy)
         started += await manual.take(
@@ -276,6 +278,21 @@ class Poller:
             "duration_s": round(self._clock.monotonic() - began, 4),
         }
         log.debug("poll_cycle", **self.last_cycle)
+
+    async def _route_stalls(self, now: datetime) -> None:
+        """`on_stall: recover`: each stalled run becomes one operator-style request (once per
+        stall), so it passes the same checks a `recover RUN` does: in the listing, the current
+        run of its lineage, no attempt in flight, a rule with a handoff, no dry run."""
+        assert self._guard is not None
+        wanted = dict(self._guard.recover_requests())
+        for run_id, reason in wanted.items():
+            if run_id in self._stall_routed:
+                continue
+            request_id = await self._store.request_recovery(
+                run_id, None, by=f"stall ({reason})"[:256], at=now
+            )
+            log.warning("stalled_run_recovery_requested", run_id=run_id, request_id=request_id)
+        self._stall_routed = set(wanted)
 
     async def _compact(self, now: datetime) -> None:
         """Event retention, every `compact_interval`: history stays bounded in age and rows,
