@@ -576,6 +576,110 @@ def resume(
     return _finish(asyncio.run(_on_store(config, state, work)), mode)
 
 
+@cli.command()
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=3,
+    help="Usable training checkpoints to keep per lineage (the newest).",
+)
+@click.option(
+    "--lineage",
+    type=RunIdType(),
+    default=None,
+    help="Prune this lineage only.  [default: every lineage in the store]",
+    show_default=False,
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
+@store_options
+def prune(
+    keep: int,
+    lineage: str | None,
+    dry_run: bool,
+    config: Path | None,
+    state: str | None,
+    output: str,
+    as_json: bool,
+    wide: bool,
+) -> int:
+    """Delete old training checkpoints of the store's lineages (opt-in: only this does).
+
+    Per lineage, over all its runs (root, current, corrupted and successor runs), keeps the
+    newest KEEP usable training checkpoints, the current run's newest (the guard's), any
+    checkpoint an attempt used or a pending `recover --checkpoint` names, and everything of a
+    lineage that is held or has an attempt in flight. Sampler checkpoints are left alone.
+    The rest are deleted one by one; a failure is reported, the others go on (exit 1 if any
+    failed). --dry-run lists them with the storage they would free, and why each other one
+    stays.
+
+    \b
+    Examples:
+      tinker-recovery prune --config config.yaml --dry-run
+      tinker-recovery prune --config config.yaml --keep 5 --lineage my-lineage
+    """
+    from tinker_recovery import prune as prune_mod
+
+    mode = _output(output, as_json, wide)
+
+    async def work(store: Any, settings: Settings) -> Any:
+        return await prune_mod.prune_with_settings(
+            store, settings, keep=keep, now=_now(), lineage_id=lineage, dry_run=dry_run
+        )
+
+    report = asyncio.run(_on_store(config, state, work))
+    if mode == "json":
+        _emit_json(report.as_dict())
+        return int(report.exit_code)
+    _render_prune(report.as_dict(), mode)
+    return int(report.exit_code)
+
+
+def _render_prune(data: dict[str, Any], mode: render.Output) -> None:
+    out = render.console(mode)
+    err = render.console(mode, sys.stderr)
+    for lin in data["lineages"]:
+        render.line(out, f"lineage {lin['lineage_id']}: runs {', '.join(lin['runs']) or '-'}")
+        if lin["error"]:
+            render.line(err, f"error: lineage {lin['lineage_id']}: {lin['error']}")
+            continue
+        header = ["CHECKPOINT", "ACTION", "SIZE"]
+        extra = ["TIME", "EXPIRES"] if mode == "wide" else []
+        rows = []
+        for c in lin["checkpoints"]:
+            action = c["result"] or c["action"]
+            row = [c["tinker_path"], action.replace("_", " "), _size(c["size_bytes"])]
+            if extra:
+                row += [c["time"], c["expires_at"] or "never"]
+            rows.append([*row, c["reason"] + (f": {c['detail']}" if c["detail"] else "")])
+        if rows:
+            render.table(out, [*header, *extra, "REASON"], rows)
+        else:
+            render.line(out, "  no checkpoints listed")
+        for c in lin["checkpoints"]:
+            if c["result"] == "failed":
+                render.line(err, f"error: deleting {c['tinker_path']} failed: {c['detail']}")
+    done = "would delete" if data["dry_run"] else "deleted"
+    count = data["would_delete" if data["dry_run"] else "deleted"]
+    unknown = f" ({data['unknown_sizes']} of unknown size)" if data["unknown_sizes"] else ""
+    render.line(
+        out,
+        f"{'dry run: ' if data['dry_run'] else ''}{done} {count} checkpoint(s), "
+        f"freeing {_size(data['frees_bytes'])}{unknown}; kept the newest {data['keep']} usable "
+        "per lineage; sampler checkpoints are left alone",
+    )
+    if data["failed"]:
+        render.line(err, f"{data['failed']} failure(s): see the errors above")
+
+
+def _size(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "unknown"
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f} {unit}"
+    return f"{size_bytes} B"
+
+
 # -- tools ----------------------------------------------------------------------------------
 
 

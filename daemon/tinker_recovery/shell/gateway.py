@@ -1,6 +1,7 @@
 """TinkerGateway: the daemon's bounded reader of the Tinker REST API.
 
-It owns the read and TTL endpoints (training runs, checkpoints, weights_info, checkpoint TTL),
+It owns the read and TTL endpoints (training runs, checkpoints, weights_info, checkpoint TTL;
+and checkpoint deletion, for `prune`),
 the `client/config` handshake and, when the server asks for it, the JWT exchange. Payloads are
 parsed with the SDK's public wire models (`tinker.types`), then turned into `core.model` views;
 listing pages, the hot path, with a msgspec projection of `TrainingRun` held to the SDK's model
@@ -215,6 +216,18 @@ class TinkerGateway:
             f"/checkpoints/{quote(parsed.checkpoint_id, safe='/:')}/ttl"
         )
         await self._send("set_checkpoint_ttl", "PUT", path, json={"ttl_seconds": ttl_s})
+
+    async def delete_checkpoint(self, tinker_path: str) -> None:
+        """Delete one checkpoint (`tinker-recovery prune` only; the daemon never deletes)."""
+        try:
+            parsed = wire.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
+        except ValueError as exc:
+            raise RemoteRejected(f"not a tinker checkpoint path: {tinker_path!r}") from exc
+        path = (
+            f"/training_runs/{_seg(parsed.training_run_id)}"
+            f"/checkpoints/{quote(parsed.checkpoint_id, safe='/:')}"
+        )
+        await self._send("delete_checkpoint", "DELETE", path)
 
     # ---- paging -----------------------------------------------------------------------
 
