@@ -236,7 +236,8 @@ async def _plan_one(
 async def _delete(store: Store, api: CheckpointApi, report: LineageReport) -> None:
     assert report.plan is not None
     lineage = await store.get_lineage(report.lineage_id)
-    for verdict in report.plan.to_delete:
+    # Oldest first: a prune cut short leaves the newer ones, closer to what it keeps.
+    for verdict in reversed(report.plan.to_delete):
         path = verdict.checkpoint.tinker_path
         why = (
             "lineage gone from the store"
@@ -250,10 +251,20 @@ async def _delete(store: Store, api: CheckpointApi, report: LineageReport) -> No
             await api.delete_checkpoint(path)
         except RecoveryError as exc:
             report.results[path], report.details[path] = FAILED, str(exc)
-            log.warning("prune_delete_failed", lineage_id=report.lineage_id, error=str(exc))
+            log.warning(
+                "prune_delete_failed",
+                lineage_id=report.lineage_id,
+                tinker_path=path,
+                error=str(exc),
+            )
             continue
         report.results[path] = DELETED
-        log.info("checkpoint_pruned", lineage_id=report.lineage_id, reason=str(verdict.reason))
+        log.info(
+            "checkpoint_pruned",
+            lineage_id=report.lineage_id,
+            tinker_path=path,
+            reason=str(verdict.reason),
+        )
 
 
 def _lineage_dict(report: LineageReport) -> dict[str, Any]:
