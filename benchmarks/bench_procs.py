@@ -235,7 +235,7 @@ class Daemon:
     def stop(self) -> float:
         """Stop the daemon; returns its peak RSS in MB as /usr/bin/time saw it."""
         self.http.close()
-        stop(self.proc, self.pid)
+        stop(self.proc, self.pid, timeout_s=180.0)  # a 1M-run cycle in flight takes ~60 s
         self._log.close()
         return peak_rss_mb(self.time_path)
 
