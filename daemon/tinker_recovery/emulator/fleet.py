@@ -148,10 +148,10 @@ class Run:
     cache_version: int = -1
     cache_until: float = -math.inf
     """The whole JSON is valid until then (the next `last_request_time` tick or expiry)."""
-    cache_head: bytes = b""
-    """The JSON up to `last_request_time`'s value, and after it: everything but that value,"""
-    cache_tail: bytes = b""
-    """which changes every `request_interval_s` while the run is driven."""
+    stamp_start: int = 0
+    """Where `last_request_time`'s value sits in `cache`: [stamp_start, stamp_end). The rest"""
+    stamp_end: int = 0
+    """is kept when only that value moves (every `request_interval_s` while driven)."""
     shape_until: float = -math.inf
     """Head and tail are valid until then: the next periodic checkpoint or a latest's expiry."""
 
@@ -295,15 +295,17 @@ class Run:
     def wire_bytes(self, now: float) -> bytes:
         """The run's JSON (`to_wire` compactly dumped), rebuilt only when time or a change made
         it stale. A driven run's `last_request_time` moves every `request_interval_s`, far more
-        often than anything else in it, so only that value is re-rendered then: the rest is
-        kept as a head and a tail until the latest checkpoints can change. Reading a run costs
+        often than anything else in it, so only that value is re-rendered then: the bytes around
+        it are kept until the latest checkpoints can change. Reading a run costs
         the same however long ago it was last read (the listing stays linear in the fleet)."""
         if self.cache_version == self.version:
             if now < self.cache_until:
                 return self.cache
             if now < self.shape_until:
                 stamp = json.dumps(iso(self.last_request(now))).encode()
-                self.cache = b"".join((self.cache_head, stamp, self.cache_tail))
+                old = self.cache
+                self.cache = b"".join((old[: self.stamp_start], stamp, old[self.stamp_end :]))
+                self.stamp_end = self.stamp_start + len(stamp)
                 self.cache_until = min(self._stamp_until(now), self.shape_until)
                 return self.cache
         latest = self._latest(now)
@@ -313,10 +315,12 @@ class Run:
         tail = {k: wire[k] for k in _TAIL_KEYS}
         # json.dumps of a dict is "{" + ",".join(key:value) + "}", so the three parts joined are
         # byte for byte the dump of the whole dict.
-        self.cache_head = json.dumps(head, separators=_COMPACT).encode()[:-1] + _STAMP_KEY
-        self.cache_tail = b"," + json.dumps(tail, separators=_COMPACT).encode()[1:]
+        head_bytes = json.dumps(head, separators=_COMPACT).encode()[:-1] + _STAMP_KEY
+        tail_bytes = b"," + json.dumps(tail, separators=_COMPACT).encode()[1:]
         stamp = json.dumps(stamp_value).encode()
-        self.cache = b"".join((self.cache_head, stamp, self.cache_tail))
+        self.cache = b"".join((head_bytes, stamp, tail_bytes))
+        self.stamp_start = len(head_bytes)
+        self.stamp_end = self.stamp_start + len(stamp)
         self.cache_version = self.version
         self.shape_until = self._shape_until(now, latest)
         self.cache_until = min(self._valid_until(now, latest), self.shape_until)
