@@ -471,3 +471,28 @@ async def test_a_stall_with_on_stall_recover_is_requested_once(store: SqliteStor
     guard.stalled = []
     await r.cycles(1)
     assert await store.pending_manual_requests() == []
+
+
+async def test_a_cycle_that_spans_a_lease_lapse_writes_nothing_from_the_old_term(
+    tmp_path: Path,
+) -> None:
+    """Defect 1's poller half: a cycle that began under epoch 1 must not write decisions once
+    the lease is in a newer epoch, even the same replica's."""
+    clock = Clock()
+    store = SqliteStore(tmp_path / "state.db", clock=clock)
+    await store.open()
+    first = await store.acquire_or_renew("test", 5.0)
+    assert first is not None
+    bad = run("bad", corrupted=True)
+    r = rig(store, [[*FLEET, bad]] * 2)
+    r.poller._lease_epoch = lambda: first.epoch  # the epoch the cycle read when it began
+    await clock.sleep(6.0)  # the lease lapses...
+    again = await store.acquire_or_renew("test", 3600.0)  # ...and this replica takes a new term
+    assert again is not None
+    assert again.epoch == first.epoch + 1
+
+    await r.guarded_cycles(1)
+
+    assert r.sample("poll_errors_total", reason="fenced") == 1
+    assert await store.get_lineage("bad") is None  # the old term's decision was not written
+    await store.close()

@@ -38,6 +38,7 @@ PollErrorReason = Literal[
     "malformed",
     "store",
     "inconsistent",
+    "fenced",  # the lease moved to another epoch during the cycle: its writes were refused
     "other",
 ]
 POLL_ERROR_REASONS: Final[tuple[str, ...]] = get_args(PollErrorReason)
