@@ -65,7 +65,7 @@ def test_known_label_values_exist_at_zero_before_any_event(registry: CollectorRe
     for outcome in AttemptOutcome:
         value = registry.get_sample_value("tinker_recovery_attempts_total", {"outcome": outcome})
         assert value == 0
-    assert len(POLL_ERROR_REASONS) == 9
+    assert len(POLL_ERROR_REASONS) == 10  # ... store, inconsistent, fenced, other
     for reason in POLL_ERROR_REASONS:
         value = registry.get_sample_value("tinker_recovery_poll_errors_total", {"reason": reason})
         assert value == 0
