@@ -12,7 +12,6 @@ Choosing and proving the checkpoint is shell/checkpoints.py; the rows it writes 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -31,7 +30,6 @@ from tinker_recovery.core.model import (
     AttemptOutcome,
     AttemptStep,
     Lineage,
-    LineageState,
     RunView,
 )
 from tinker_recovery.errors import ActionFailed
@@ -394,15 +392,8 @@ class Executor:
             run_id=live.run_id,
         )
         lineage = await self._store.get_lineage(tracked.attempt.lineage_id)
-        moved: tuple[Lineage | None, Lineage] | None = None
         now = self._clock.now()
-        if lineage is not None and lineage.state is LineageState.RECOVERING:
-            moved = (
-                lineage,
-                dataclasses.replace(
-                    lineage, state=LineageState.RECOVERED, reason=reason, updated_at=now
-                ),
-            )
+        moved = led.recovered(lineage, reason, now)
         tracked.exclude.discard(live.run_id)
         await self._ledger.record(
             tracked,
@@ -495,15 +486,7 @@ class Executor:
     ) -> None:
         now = self._clock.now()
         lineage = await self._store.get_lineage(tracked.attempt.lineage_id)
-        moved: tuple[Lineage | None, Lineage] | None = None
-        if lineage is not None and lineage.state is LineageState.RECOVERING:
-            recovered = dataclasses.replace(
-                lineage,
-                state=LineageState.RECOVERED,
-                reason=f"{reason}; waiting for the successor to progress",
-                updated_at=now,
-            )
-            moved = (lineage, recovered)
+        moved = led.recovered(lineage, f"{reason}; waiting for the successor to progress", now)
         await self._ledger.record(
             tracked,
             AttemptStep.HANDED_OFF,

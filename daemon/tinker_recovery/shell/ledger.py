@@ -24,6 +24,7 @@ from tinker_recovery.core.model import (
     AttemptStep,
     CheckpointView,
     Lineage,
+    LineageState,
     RunView,
 )
 from tinker_recovery.obs.metrics import Metrics
@@ -132,6 +133,19 @@ def suspect_event(attempt: Attempt, mark: BadCheckpoint) -> Event:
         run_id=ranking.run_id_of(mark.tinker_path),
         data={"checkpoint_path": mark.tinker_path, "rejection": "suspect"},
     )
+
+
+def recovered(
+    lineage: Lineage | None, reason: str, now: datetime
+) -> tuple[Lineage | None, Lineage] | None:
+    """The (before, after) move of a lineage whose attempt has reached its successor (or may
+    have): RECOVERING -> RECOVERED; None when the lineage is in any other state."""
+    if lineage is None or lineage.state is not LineageState.RECOVERING:
+        return None
+    after = dataclasses.replace(
+        lineage, state=LineageState.RECOVERED, reason=reason, updated_at=now
+    )
+    return lineage, after
 
 
 def _log_transition(after: Lineage, attempt: Attempt) -> None:

@@ -35,6 +35,7 @@ from tinker_recovery.shell.ledger import (
     Ledger,
     Tracked,
     attempt_event,
+    recovered,
 )
 from tinker_recovery.shell.store.base import BadCheckpoint, Event, Store
 
@@ -298,7 +299,7 @@ class Reconciler:
     async def _fail_ambiguous(self, tracked: Tracked, now: datetime) -> None:
         """Several runs may be the job: handing off again could start it twice. End the attempt
         and hold the lineage for an operator (`resume --lineage` once it is sorted out)."""
-        present = sorted(tracked.match_candidates & self._ledger.seen_runs)
+        present = self._present(tracked, None)
         reason = (
             f"successor ambiguous: runs {', '.join(present[:10])} all match and none carries "
             "the attempt's key; the lineage is held for an operator"
@@ -395,12 +396,7 @@ class Reconciler:
         else:
             reason = "adopted; the handoff may have happened; waiting for its successor"
             found_id = attempt.successor_run_id
-        moved: tuple[Lineage | None, Lineage] | None = None
-        if lineage is not None and lineage.state is LineageState.RECOVERING:
-            after = dataclasses.replace(
-                lineage, state=LineageState.RECOVERED, reason=reason, updated_at=now
-            )
-            moved = (lineage, after)
+        moved = recovered(lineage, reason, now)
         await self._ledger.record(
             tracked,
             AttemptStep.CONFIRMING,
